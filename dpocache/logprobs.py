@@ -1,0 +1,125 @@
+"""Per-token log-probs of the labels, computed only where they are needed.
+
+A causal LM's log-prob of token ``t`` comes from the logits at position ``t - 1``. DPO needs it only
+at trainable (assistant) tokens, so instead of materialising the full ``[B, T, V]`` logits we run the
+decoder, pick the hidden states of the positions that predict a trainable token, and apply the output
+head to those rows only, in chunks (fp32 log-softmax). Under autograd each chunk is checkpointed, so
+the ``[chunk, V]`` logits are recomputed in backward instead of being kept.
+
+This "selected positions" path is exact for every model whose logits are ``lm_head(hidden)``. Models
+that transform logits further (soft-capping, scaling) are detected by a probe comparing it with the
+model's own forward on a short input; they fall back to the full-logits path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK = 1024
+
+
+def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _chunked_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                        chunk: int) -> torch.Tensor:
+    parts = []
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
+        else:
+            parts.append(_head_logps(head, h, t))
+    if not parts:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts)
+
+
+def _scatter(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=torch.float32, device=values.device)
+    return out.index_put((rows, cols), values)
+
+
+def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         mask: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """``[B, T]`` fp32: log p(ids[b, t] | ids[b, :t]) where ``mask[b, t]``, else 0 (fast path)."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
+    values = _chunked_head_logps(head, hidden[rows, cols], input_ids[rows, cols + 1], chunk)
+    return _scatter(values, rows, cols + 1, input_ids.shape)
+
+
+def full_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Reference implementation through the model's own forward (full logits)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
+    out[:, 1:] = picked * mask[:, 1:].to(picked.dtype)
+    return out
+
+
+def supports_selected_path(model: nn.Module, *, atol: float = 1e-4) -> bool:
+    """Probe: does the selected-positions path reproduce the model's own logits?"""
+    if model.get_output_embeddings() is None:
+        return False
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return False
+    if decoder is None or decoder is model:
+        return False
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.arange(3, 11, device=device)[None] % vocab
+    attn, mask = torch.ones_like(ids), torch.ones_like(ids)
+    mask[:, 0] = 0
+    with torch.no_grad():
+        try:
+            fast = selected_token_logps(model, ids, attn, mask)
+        except (TypeError, AttributeError, RuntimeError):
+            return False
+        ref = full_token_logps(model, ids, attn, mask)
+    return torch.allclose(fast, ref, atol=atol, rtol=1e-4)
+
+
+class TokenLogps(nn.Module):
+    """Wraps a causal LM so that its forward returns per-token log-probs of the labels.
+
+    Distributed wrappers (DDP, DeepSpeed, FSDP) wrap this module, so the log-prob computation runs
+    inside the wrapper's forward and gradient synchronisation works as usual.
+    """
+
+    def __init__(self, model: nn.Module, *, selected: bool | None = None, chunk: int = DEFAULT_CHUNK):
+        super().__init__()
+        self.model = model
+        self.selected = supports_selected_path(model) if selected is None else selected
+        self.chunk = chunk
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor):
+        if self.selected:
+            return selected_token_logps(self.model, input_ids, attention_mask, mask, chunk=self.chunk)
+        return full_token_logps(self.model, input_ids, attention_mask, mask)
+
+
+def pad_batch(sequences: list, masks: list, pad_id: int, *, device=None):
+    """Right-pad id and mask lists into ``input_ids``, ``attention_mask`` and trainable ``mask``."""
+    width = max(len(s) for s in sequences)
+    n = len(sequences)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    tmask = torch.zeros((n, width), dtype=torch.long)
+    for i, (seq, m) in enumerate(zip(sequences, masks)):
+        k = len(seq)
+        ids[i, :k] = torch.as_tensor(seq, dtype=torch.long)
+        attn[i, :k] = 1
+        tmask[i, :k] = torch.as_tensor(m, dtype=torch.long)
+    if device is not None:
+        ids, attn, tmask = ids.to(device), attn.to(device), tmask.to(device)
+    return ids, attn, tmask

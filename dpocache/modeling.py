@@ -1,0 +1,120 @@
+"""Loading models and tokenizers: local directories, GGUF files, and hub names (offline-aware)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from dpocache.config import check, opt
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str | None = opt(
+        None, "Model: a local HF directory or a hub name. Default for `run`: the embedded SmolLM2-135M-Instruct.",
+        group="model")
+    model_revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the model.", group="model")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32", "Weights/compute dtype of the model. Log-softmax is always computed in fp32.", group="model")
+    trust_remote_code: bool = opt(False, "Allow custom modelling code from the model repository.",
+                                  group="model")
+    attn_implementation: str | None = opt(
+        None, "Attention implementation passed to transformers (eager, sdpa, flash_attention_2).",
+        group="model")
+
+    def __post_init__(self):
+        check(self.model_name_or_path is None or bool(str(self.model_name_or_path).strip()),
+              "model_name_or_path: empty")
+
+
+def _is_offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _explain(kind: str, name: str, exc: Exception) -> ModelLoadError:
+    local = Path(name).expanduser()
+    if local.exists():
+        return ModelLoadError(f"could not load the {kind} from {local}: {type(exc).__name__}: {exc}")
+    if "/" in name and not name.startswith((".", "/")):
+        how = ("the machine is offline (HF_HUB_OFFLINE is set)" if _is_offline()
+               else "it is not in the local cache and the hub could not be reached")
+        return ModelLoadError(
+            f"could not fetch the {kind} '{name}' from the Hugging Face Hub: {how}. "
+            f"Download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) "
+            f"and pass the local directory instead.")
+    return ModelLoadError(f"{kind} '{name}': no such local path, and not a hub name of the form org/name")
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path), revision=revision,
+                                             trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _explain("tokenizer", str(name_or_path), exc) from None
+
+
+def load_causal_lm(cfg: ModelConfig, *, name_or_path: str | None = None, train: bool = False):
+    """Load a causal LM in ``cfg.dtype``; frozen and in eval mode unless ``train``."""
+    from transformers import AutoModelForCausalLM
+
+    name = str(name_or_path or cfg.model_name_or_path)
+    kwargs = dict(revision=cfg.model_revision, dtype=DTYPES[cfg.dtype],
+                  trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _explain("model", name, exc) from None
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    if train:
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def local_model_dir(name_or_path: str, revision: str | None = None) -> Path | None:
+    """The directory holding the model's files: the path itself, or its hub snapshot in the local cache."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached locally: the caller decides what that means
+        return None
+
+
+def resize_for_tokenizer(model, tokenizer) -> bool:
+    """Grow the embeddings when the tokenizer gained tokens (e.g. an added pad token).
+
+    New rows are set to the mean of the existing rows, deterministically, so that the reference
+    (stage one) and the policy (stage two), resized in different processes, have identical weights.
+    """
+    emb = model.get_input_embeddings()
+    old = emb.weight.shape[0]
+    if len(tokenizer) <= old:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for layer in {id(x): x for x in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if x is not None}.values():
+            layer.weight[old:] = layer.weight[:old].mean(dim=0, keepdim=True)
+    return True

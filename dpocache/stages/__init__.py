@@ -1,0 +1,1 @@
+"""Stage one (score) and stage two (train). They never import each other."""

@@ -1,0 +1,237 @@
+"""Stage one: score a preference dataset with a frozen reference model into a reference store.
+
+Recipe steps: :func:`setup` (tokenizer, data, identity, store, what is left to score),
+:func:`score` (reference forward passes, rows written shard by shard) and :func:`run_score`
+(both, then the named example list and freeing the model).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dpocache.artifacts import ReferenceStore
+from dpocache.artifacts.identity import dpocache_home, library_versions, text_fingerprint, tokenizer_fingerprint, \
+    weights_fingerprint
+from dpocache.config import ConfigError, check, opt
+from dpocache.data import HASH_VERSION, DataConfig, load_preference_data, prepare_tokenizer
+from dpocache.logprobs import TokenLogps, pad_batch
+from dpocache.modeling import ModelConfig, load_causal_lm, load_tokenizer, local_model_dir, \
+    resize_for_tokenizer
+
+
+@dataclass
+class ScoreConfig:
+    store: str | None = opt(None, "Reference store directory (created when missing; default: one per reference "
+                             "identity under $DPOCACHE_HOME/stores).", group="store")
+    store_dataset: str | None = opt(
+        None, "Name under which the ordered example list of this dataset/mixture is recorded in the store "
+        "(default: derived from the mixture).", group="store")
+    backend: Literal["hf", "vllm"] = opt("hf", "Stage-one scoring engine: HF forward passes or vLLM "
+                                         "prompt log-probs.", group="scoring")
+    batch_size: int = opt(8, "Sequences per reference forward pass (sorted by length).", group="scoring")
+    rows_per_shard: int = opt(1024, "Examples per Parquet shard; a crash loses at most one shard.",
+                              group="store")
+    save_token_logps: bool = opt(False, "Also store per-token reference log-probs.", group="store")
+    num_shards: int = opt(1, "Split the dataset by example hash into this many disjoint parts ...",
+                          group="scoring")
+    shard_index: int = opt(0, "... and score only this part (0-based).", group="scoring")
+
+    def __post_init__(self):
+        check(self.batch_size >= 1, "batch_size must be >= 1")
+        check(self.rows_per_shard >= 1, "rows_per_shard must be >= 1")
+        check(self.num_shards >= 1, "num_shards must be >= 1")
+        check(0 <= self.shard_index < self.num_shards, "shard_index must be in [0, num_shards)")
+
+
+@dataclass
+class ScoreResult:
+    store: str
+    list_name: str
+    examples: int
+    scored: int
+    reused: int
+    seconds: float
+    tokens: int = 0
+    data_stats: dict = field(default_factory=dict)
+
+
+def _partition(score_cfg: ScoreConfig) -> tuple[int, int]:
+    """(parts, index): explicit --num_shards/--shard_index, else one part per launched rank."""
+    if score_cfg.num_shards > 1:
+        return score_cfg.num_shards, score_cfg.shard_index
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0"))
+
+
+def in_part(example_hash: str, parts: int, index: int) -> bool:
+    return parts == 1 or int(example_hash[:12], 16) % parts == index
+
+
+def default_store_dir(identity: dict):
+    """Without --store: a store per reference identity in the user cache, reused by later runs."""
+    digest = text_fingerprint(json.dumps(identity, sort_keys=True))[:16]
+    return dpocache_home() / "stores" / digest
+
+
+def reference_identity(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig,
+                       tokenizer) -> dict:
+    """What makes two reference computations interchangeable (compared field by field)."""
+    model_dir = local_model_dir(model_cfg.model_name_or_path, model_cfg.model_revision)
+    if model_dir is None:
+        raise ConfigError(f"model '{model_cfg.model_name_or_path}' is not available locally")
+    return {
+        "model_weights_sha256": weights_fingerprint(model_dir),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "chat_template_sha256": text_fingerprint(tokenizer.chat_template or ""),
+        "max_seq_length": data_cfg.max_seq_length,
+        "mask_mode": data_cfg.mask_mode,
+        "add_bos": data_cfg.add_bos,
+        "dtype": model_cfg.dtype,
+        "backend": score_cfg.backend,
+        "example_hash_version": HASH_VERSION,
+    }
+
+
+class HFScorer:
+    """Reference log-probs with HF forward passes, only at trainable positions."""
+
+    def __init__(self, model_cfg: ModelConfig, tokenizer, batch_size: int):
+        self.model = load_causal_lm(model_cfg)
+        resize_for_tokenizer(self.model, tokenizer)
+        self.logps = TokenLogps(self.model)
+        self.pad_id = tokenizer.pad_token_id
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def token_logps(self, sequences: list, masks: list) -> list[np.ndarray]:
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out: list[np.ndarray | None] = [None] * len(sequences)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            ids, attn, tmask = pad_batch([sequences[i] for i in idx], [masks[i] for i in idx], self.pad_id)
+            values = self.logps(ids, attn, tmask).double().numpy()
+            for row, i in enumerate(idx):
+                out[i] = values[row, :len(sequences[i])]
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        del self.logps, self.model
+        gc.collect()
+
+
+class VLLMAdapter:
+    """The vLLM backend behind the same interface (masks are applied by the caller)."""
+
+    def __init__(self, model_cfg: ModelConfig, vllm_options, seed: int):
+        from dpocache.stages.vllm_backend import VLLMScorer
+
+        self.scorer = VLLMScorer(str(model_cfg.model_name_or_path), vllm_options, seed=seed)
+
+    def token_logps(self, sequences: list, masks: list) -> list[np.ndarray]:
+        return self.scorer.token_logps(sequences)
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+@dataclass
+class ScorePlan:
+    tokenizer: object
+    dataset: object  # datasets.Dataset of tokenized examples
+    list_name: str
+    store: ReferenceStore
+    todo: list[int]
+    data_stats: dict
+
+
+def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, *, progress=True) -> ScorePlan:
+    check(model_cfg.model_name_or_path is not None, "score needs --model_name_or_path")
+    tok_name = data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path
+    tokenizer = load_tokenizer(tok_name, revision=model_cfg.model_revision,
+                               trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer, _ = prepare_tokenizer(tokenizer, data_cfg)
+    prepared = load_preference_data(data_cfg, tokenizer, progress=progress)
+    identity = reference_identity(model_cfg, data_cfg, score_cfg, tokenizer)
+    info = library_versions()
+    info.update(model_name=str(model_cfg.model_name_or_path), model_revision=model_cfg.model_revision,
+                chat_template=tokenizer.chat_template, pad_token=tokenizer.pad_token)
+    root = score_cfg.store or str(default_store_dir(identity))
+    store = ReferenceStore.create_or_open(root, identity, versions=info)
+    existing = store.hashes()
+    parts, index = _partition(score_cfg)
+    hashes = prepared.dataset["hash"]
+    todo = [i for i, h in enumerate(hashes) if h not in existing and in_part(h, parts, index)]
+    name = score_cfg.store_dataset or prepared.name
+    return ScorePlan(tokenizer, prepared.dataset, name, store, todo, prepared.stats)
+
+
+def _rows_for(batch: dict, logps: list[np.ndarray], keep_token_logps: bool) -> list[dict]:
+    rows = []
+    n = len(batch["hash"])
+    for j in range(n):
+        row = {"hash": batch["hash"][j]}
+        for side, k in (("chosen", j), ("rejected", n + j)):
+            ids, mask = batch[f"{side}_input_ids"][j], batch[f"{side}_mask"][j]
+            m = np.asarray(mask, dtype=bool)
+            values = np.where(m, logps[k][:len(ids)], 0.0)
+            row[f"{side}_input_ids"], row[f"{side}_mask"] = ids, mask
+            row[f"ref_{side}_logps"] = float(values.sum(dtype=np.float64))
+            row[f"ref_{side}_tokens"] = int(m.sum())
+            if keep_token_logps:
+                row[f"ref_{side}_token_logps"] = values.astype(np.float32).tolist()
+        rows.append(row)
+    return rows
+
+
+def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> int:
+    """Score ``plan.todo`` chunk by chunk; each chunk becomes complete store rows. Returns tokens."""
+    tokens = 0
+    chunk = score_cfg.rows_per_shard
+    bar = tqdm(total=len(plan.todo), desc="stage one: scoring", unit="ex", disable=not progress)
+    start = time.perf_counter()
+    with plan.store.writer(rows_per_shard=score_cfg.rows_per_shard) as writer:
+        for begin in range(0, len(plan.todo), chunk):
+            batch = plan.dataset.select(plan.todo[begin:begin + chunk]).to_dict()
+            seqs = batch["chosen_input_ids"] + batch["rejected_input_ids"]
+            masks = batch["chosen_mask"] + batch["rejected_mask"]
+            logps = scorer.token_logps(seqs, masks)
+            writer.add_many(_rows_for(batch, logps, score_cfg.save_token_logps))
+            tokens += sum(len(s) for s in seqs)
+            bar.update(len(batch["hash"]))
+            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
+    bar.close()
+    return tokens
+
+
+def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, vllm_options=None,
+              *, progress=True, log=print) -> ScoreResult:
+    t0 = time.perf_counter()
+    plan = setup(model_cfg, data_cfg, score_cfg, progress=progress)
+    total = len(plan.dataset)
+    tokens = 0
+    if not plan.todo:
+        log(f"stage one: all {total} examples of '{plan.list_name}' are already in {plan.store.root}; "
+            "nothing to score")
+    else:
+        log(f"stage one: {total - len(plan.todo)} examples reused from the store, {len(plan.todo)} to score "
+            f"with the {score_cfg.backend} backend")
+        if score_cfg.backend == "vllm":
+            scorer = VLLMAdapter(model_cfg, vllm_options, data_cfg.seed)
+        else:
+            scorer = HFScorer(model_cfg, plan.tokenizer, score_cfg.batch_size)
+        try:
+            tokens = score(plan, scorer, score_cfg, progress=progress)
+        finally:
+            scorer.close()
+    plan.store.record_list(plan.list_name, list(plan.dataset["hash"]))
+    return ScoreResult(str(plan.store.root), plan.list_name, total, len(plan.todo), total - len(plan.todo),
+                       time.perf_counter() - t0, tokens, plan.data_stats)

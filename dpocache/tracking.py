@@ -1,0 +1,75 @@
+"""Metrics: averaging since the last log, the console line, and ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+# Display order of the seed's metric names; anything else follows alphabetically.
+METRIC_ORDER = ("training_step", "learning_rate", "epoch", "train_loss", "logps/chosen", "logps/rejected",
+                "rewards/chosen", "rewards/rejected", "rewards/average", "rewards/accuracy",
+                "rewards/margin", "aux_loss", "grad_norm", "perf/tokens_per_second")
+
+
+class MetricAverager:
+    """Mean of each metric over the micro-batches added since the last :meth:`pop`."""
+
+    def __init__(self):
+        self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._sums[key] += float(value)
+            self._counts[key] += 1
+
+    def keys(self) -> list[str]:
+        return sorted(self._sums)
+
+    def pop(self) -> dict[str, float]:
+        out = {k: self._sums[k] / self._counts[k] for k in self._sums}
+        self._sums.clear()
+        self._counts.clear()
+        return out
+
+
+def ordered(metrics: dict) -> dict:
+    keys = [k for k in METRIC_ORDER if k in metrics] + sorted(k for k in metrics if k not in METRIC_ORDER)
+    return {k: metrics[k] for k in keys}
+
+
+def format_line(metrics: dict) -> str:
+    parts = []
+    for key, value in ordered(metrics).items():
+        if isinstance(value, float):
+            text = f"{value:.3e}" if key == "learning_rate" else f"{value:.4f}"
+        else:
+            text = str(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+class JsonlWriter:
+    """Append-only ``metrics.jsonl``: one flushed JSON object per line (non-finite values as null)."""
+
+    def __init__(self, path: str | Path, *, append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    def write(self, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in ordered(metrics).items()}
+        self._fh.write(json.dumps(clean) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
