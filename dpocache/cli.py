@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from dpocache.config import ConfigError, add_fields_to_parser, build, merged_values
+from dpocache.config import ConfigError, add_fields_to_parser, build, merged_values, to_dict
 
 
 def _classes(command: str) -> list[type]:
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, desc in DESCRIPTIONS.items():
         p = sub.add_parser(name, help=desc, description=desc)
         p.add_argument("--config", metavar="YAML", help="YAML file of options (flags given here win)")
+        if name in ("score", "train", "run"):
+            p.add_argument("--dry_run", "--dry-run", action="store_true",
+                           help="print the resolved configuration as YAML and exit (nothing is loaded)")
         if name == "data":
             p.add_argument("--json", action="store_true", dest="json_output",
                            help="print the summary as one JSON object")
@@ -74,10 +77,23 @@ def _configs(args: argparse.Namespace) -> list:
     return build(classes, values, source=args.config or "command line")
 
 
+def _dry_run(args, configs) -> bool:
+    if not getattr(args, "dry_run", False):
+        return False
+    import yaml
+
+    print(f"# dpocache {args.command}: resolved configuration")
+    print(yaml.safe_dump(to_dict(*configs), sort_keys=False), end="")
+    return True
+
+
 def _cmd_score(args) -> int:
     from dpocache.stages.score import run_score
 
-    model_cfg, data_cfg, score_cfg, vllm_opts = _configs(args)
+    configs = _configs(args)
+    if _dry_run(args, configs):
+        return 0
+    model_cfg, data_cfg, score_cfg, vllm_opts = configs
     result = run_score(model_cfg, data_cfg, score_cfg, vllm_opts)
     print(f"stage one: store {result.store}, list '{result.list_name}': {result.examples} examples "
           f"({result.scored} scored, {result.reused} reused) in {result.seconds:.1f} s")
@@ -87,7 +103,10 @@ def _cmd_score(args) -> int:
 def _cmd_train(args) -> int:
     from dpocache.stages.train import run_train
 
-    model_cfg, train_cfg = _configs(args)
+    configs = _configs(args)
+    if _dry_run(args, configs):
+        return 0
+    model_cfg, train_cfg = configs
     run_train(model_cfg, train_cfg)
     _destroy_process_group()
     return 0
@@ -96,7 +115,10 @@ def _cmd_train(args) -> int:
 def _cmd_run(args) -> int:
     from dpocache.pipeline import run
 
-    model_cfg, data_cfg, score_cfg, vllm_opts, train_cfg, run_cfg = _configs(args)
+    configs = _configs(args)
+    if _dry_run(args, configs):
+        return 0
+    model_cfg, data_cfg, score_cfg, vllm_opts, train_cfg, run_cfg = configs
     run(model_cfg, data_cfg, score_cfg, train_cfg, run_cfg, vllm_opts)
     _destroy_process_group()
     return 0

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpocache.config import check, opt, to_dict
+from dpocache.config import ConfigError, check, opt, to_dict
+from dpocache.plotting import plot_metrics
 from dpocache.data import DataConfig
 from dpocache.modeling import ModelConfig
 from dpocache.stages.score import ScoreConfig, run_score
@@ -100,6 +101,11 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
                            device=state.accelerator.device)
         summary.update(heldout_examples=len(held), heldout_reward_accuracy=metrics["reward_accuracy"],
                        heldout_reward_margin=metrics["reward_margin"])
+    if state.accelerator.is_main_process:
+        try:
+            summary["plots"] = [str(p) for p in plot_metrics(train_cfg.output_dir)]
+        except ConfigError as exc:
+            log(f"plots skipped: {exc}")
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     summary["config"] = to_dict(model_cfg, data_cfg, score_cfg, train_cfg, run_cfg)
     if state.accelerator.is_main_process:

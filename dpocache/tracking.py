@@ -55,10 +55,18 @@ def format_line(metrics: dict) -> str:
 class JsonlWriter:
     """Append-only ``metrics.jsonl``: one flushed JSON object per line (non-finite values as null)."""
 
-    def __init__(self, path: str | Path, *, append: bool = False):
+    def __init__(self, path: str | Path, *, keep_until_step: int = 0):
+        """A fresh file, or (resuming at ``keep_until_step`` > 0) the lines logged up to that step."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a" if append else "w", encoding="utf-8")
+        kept = []
+        if keep_until_step and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("training_step", 0) <= keep_until_step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        self._fh = open(self.path, "a", encoding="utf-8")
 
     def write(self, metrics: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)

@@ -7,6 +7,7 @@ margin of a policy on a list of stored examples.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -19,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dpocache.artifacts import ReferenceStore
-from dpocache.artifacts.identity import tokenizer_fingerprint
+from dpocache.artifacts.identity import text_fingerprint, tokenizer_fingerprint
+from dpocache.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from dpocache.config import ConfigError, check, opt
 from dpocache.logprobs import TokenLogps, pad_batch
 from dpocache.losses import LOSS_TYPES, REFERENCE_FREE, SequenceLogps, batch_metrics, preference_loss
@@ -59,7 +61,17 @@ class TrainConfig:
     per_device_train_batch_size: int = opt(8, "Preference pairs per device per micro-batch.",
                                            group="optimisation")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", group="optimisation")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
+                                       group="optimisation")
     logging_steps: int = opt(1, "Log metrics every this many optimizer steps.", group="training")
+    checkpointing_steps: int | None = opt(500, "Save a resumable checkpoint every this many optimizer steps "
+                                          "(None: never).", group="checkpoints")
+    checkpoint_at_epoch_end: bool = opt(False, "Also save a checkpoint at the end of each epoch.",
+                                        group="checkpoints")
+    keep_last_n_checkpoints: int = opt(3, "Complete checkpoints to keep (the newest is never deleted).",
+                                       group="checkpoints")
+    resume_from_checkpoint: str | None = opt(None, "Checkpoint directory to resume from, or `auto` for the "
+                                             "newest complete one in output_dir.", group="checkpoints")
     seed: int = opt(42, "Seed of data order and initialisation.", group="training")
 
     def __post_init__(self):
@@ -74,6 +86,8 @@ class TrainConfig:
         check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
         check(self.logging_steps >= 1, "logging_steps must be >= 1")
         check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        check(self.checkpointing_steps is None or self.checkpointing_steps >= 1, "checkpointing_steps must be >= 1")
+        check(self.keep_last_n_checkpoints >= 1, "keep_last_n_checkpoints must be >= 1")
 
 
 @dataclass
@@ -174,6 +188,8 @@ class TrainState:
     accelerator: object
     total_steps: int
     steps_per_epoch: int
+    settings: dict = field(default_factory=dict)
+    start_step: int = 0
     history: list = field(default_factory=list)
 
 
@@ -197,6 +213,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
     tokenizer = policy_tokenizer(model_cfg, store)
     model = load_causal_lm(model_cfg, train=True)
     resize_for_tokenizer(model, tokenizer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     logp_model = TokenLogps(model)
     world = accelerator.num_processes
     micro_per_epoch = math.ceil(len(examples) / (cfg.per_device_train_batch_size * world))
@@ -206,34 +224,73 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
     scheduler = get_scheduler(cfg.lr_scheduler_type if cfg.lr_scheduler_type != "constant"
                               else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
+    settings = resume_settings(cfg, store, name, len(examples), world, total)
+    start_step = 0
+    ckpt = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    if ckpt is not None:
+        start_step = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     settings=settings)["step"]
+        log(f"stage two: resumed from {ckpt} at step {start_step}")
+    elif cfg.resume_from_checkpoint == "auto":
+        log(f"stage two: no complete checkpoint in {cfg.output_dir}; starting from scratch")
     logp_model, optimizer = accelerator.prepare(logp_model, optimizer)
     return TrainState(model_cfg, cfg, store, name, examples, tokenizer, model, logp_model, optimizer,
-                      scheduler, accelerator, total, steps_per_epoch)
+                      scheduler, accelerator, total, steps_per_epoch, settings, start_step)
 
 
-def _micro_batches(state: TrainState):
+RESUME_FIELDS = ("loss_type", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "learning_rate",
+                 "weight_decay", "warmup_ratio", "lr_scheduler_type", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "seed", "max_grad_norm")
+
+
+def resume_settings(cfg: TrainConfig, store: ReferenceStore, list_name: str, n: int, world: int,
+                    total: int) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    settings = {k: getattr(cfg, k) for k in RESUME_FIELDS}
+    settings.update(store_identity=text_fingerprint(json.dumps(store.identity, sort_keys=True)),
+                    store_dataset=list_name, examples=n, num_processes=world, total_steps=total)
+    return settings
+
+
+def _micro_batches(state: TrainState, skip: int = 0):
+    """Endless (epoch, indices) micro-batches; the first ``skip`` are passed over (resume)."""
     cfg, acc = state.cfg, state.accelerator
-    epoch = 0
+    epoch, produced = 0, 0
     while True:
         for idx in iter_batches(len(state.examples), cfg.per_device_train_batch_size, cfg.seed, epoch,
                                 acc.process_index, acc.num_processes):
-            yield epoch, idx
+            produced += 1
+            if produced > skip:
+                yield epoch, idx
         epoch += 1
+
+
+def _checkpoint(state: TrainState, step: int) -> None:
+    acc = state.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        model = acc.unwrap_model(state.logp_model).model
+        save_checkpoint(state.cfg.output_dir, step, model_state=model.state_dict(), optimizer=state.optimizer,
+                        scheduler=state.scheduler, settings=state.settings,
+                        keep_last=state.cfg.keep_last_n_checkpoints)
+    acc.wait_for_everyone()
 
 
 def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
     cfg, acc = state.cfg, state.accelerator
     is_main = acc.is_main_process
     out_dir = Path(cfg.output_dir)
-    writer = JsonlWriter(out_dir / "metrics.jsonl") if is_main else None
+    start = state.start_step
+    writer = JsonlWriter(out_dir / "metrics.jsonl", keep_until_step=start) if is_main else None
     averager = MetricAverager()
-    micro = _micro_batches(state)
+    micro = _micro_batches(state, skip=start * cfg.gradient_accumulation_steps)
     micro_per_epoch = state.steps_per_epoch * cfg.gradient_accumulation_steps
-    bar = tqdm(total=state.total_steps, desc="stage two: training", unit="step", disable=not (progress and is_main))
+    bar = tqdm(total=state.total_steps, initial=start, desc="stage two: training", unit="step",
+               disable=not (progress and is_main))
     tokens, t0 = 0, time.perf_counter()
-    seen = 0
+    seen = start * cfg.gradient_accumulation_steps
     state.logp_model.train()
-    for step in range(1, state.total_steps + 1):
+    for step in range(start + 1, state.total_steps + 1):
         for k in range(cfg.gradient_accumulation_steps):
             epoch, idx = next(micro)
             sync = k == cfg.gradient_accumulation_steps - 1
@@ -264,6 +321,10 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
                 writer.write(metrics)
                 bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
                 (tqdm.write if progress else log)(format_line(metrics))
+        at_epoch_end = cfg.checkpoint_at_epoch_end and step % state.steps_per_epoch == 0
+        periodic = cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0
+        if (at_epoch_end or periodic) and step < state.total_steps:
+            _checkpoint(state, step)
     bar.close()
     if writer:
         writer.close()

@@ -1,0 +1,86 @@
+"""End to end: `dpocache run` / `score` / `train` on a tiny real model and a small dataset."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import conversational_rows, write_jsonl
+from dpocache.cli import main
+from dpocache.tracking import read_jsonl
+
+SEED_METRICS = ["training_step", "learning_rate", "epoch", "train_loss", "logps/chosen", "logps/rejected",
+                "rewards/chosen", "rewards/rejected", "rewards/average", "rewards/accuracy", "rewards/margin"]
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", conversational_rows(24, seed=1))
+    held = write_jsonl(tmp_path / "held.jsonl", conversational_rows(8, seed=2))
+    return train, held
+
+
+def run_args(tiny_model_dir, train, held, store, out, *extra):
+    return ["run", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(train),
+            "--heldout_dataset", str(held), "--store", str(store), "--output_dir", str(out),
+            "--learning_rate", "3e-3", "--per_device_train_batch_size", "4", "--num_epochs", "4",
+            "--beta", "0.5", "--warmup_ratio", "0", "--logging_steps", "2", *extra]
+
+
+def test_run_end_to_end_then_reuse(tiny_model_dir, data_files, tmp_path, capsys):
+    train, held = data_files
+    store, out = tmp_path / "store", tmp_path / "out"
+    assert main(run_args(tiny_model_dir, train, held, store, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("output_dir", "store", "stage_one_skipped", "examples_scored", "train_seconds",
+                "final_metrics", "heldout_reward_accuracy", "heldout_reward_margin"):
+        assert key in summary
+    assert summary["stage_one_skipped"] is False
+    assert summary["examples_scored"] == 24 + 8
+    assert (store / "manifest.json").is_file()
+
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == summary["train_steps"] // 2
+    for name in SEED_METRICS:
+        assert all(name in r for r in rows), name
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["rewards/accuracy"] >= rows[0]["rewards/accuracy"]
+    assert 0.0 <= summary["heldout_reward_accuracy"] <= 1.0
+    assert (out / "plots" / "loss.png").is_file()
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(model.model.embed_tokens.weight, before.model.embed_tokens.weight)
+
+    out2 = tmp_path / "out2"
+    assert main(run_args(tiny_model_dir, train, held, store, out2)) == 0
+    again = json.loads((out2 / "summary.json").read_text())
+    assert again["stage_one_skipped"] is True and again["examples_scored"] == 0
+    assert "nothing to score" in capsys.readouterr().out
+
+
+def test_score_then_train_from_store_alone(tiny_model_dir, data_files, tmp_path):
+    train, _ = data_files
+    store, out = tmp_path / "store", tmp_path / "out"
+    cmd = [sys.executable, "-m", "dpocache.cli", "score", "--model_name_or_path", str(tiny_model_dir),
+           "--dataset", str(train), "--store", str(store), "--store_dataset", "mine"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "24 scored" in done.stdout
+    train.unlink()  # stage two needs no raw data
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--store", str(store),
+                 "--output_dir", str(out), "--loss_type", "dpo", "--beta", "0.1", "--max_train_steps", "2",
+                 "--per_device_train_batch_size", "4"]) == 0
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
+    assert (out / "model.safetensors").is_file()
+
+
+def test_bad_flag_values_are_clear_errors(tiny_model_dir, tmp_path, capsys):
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--store", str(tmp_path),
+                 "--beta", "-1"]) == 2
+    assert "beta must be > 0" in capsys.readouterr().err
+    assert main(["train", "--store", str(tmp_path / "nope"), "--model_name_or_path", str(tiny_model_dir)]) == 2
+    assert str(tmp_path / "nope") in capsys.readouterr().err
