@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dpocache.artifacts import ReferenceStore
 from dpocache.artifacts.identity import text_fingerprint, tokenizer_fingerprint
+from dpocache.batching import epoch_order, micro_batches
 from dpocache.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from dpocache.config import ConfigError, check, opt
 from dpocache.logprobs import TokenLogps, pad_batch
@@ -61,6 +62,8 @@ class TrainConfig:
     per_device_train_batch_size: int = opt(8, "Preference pairs per device per micro-batch.",
                                            group="optimisation")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", group="optimisation")
+    group_by_length: bool = opt(True, "Group pairs of similar length into the same optimizer batches "
+                                "(seeded; cuts padding).", group="optimisation")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
                                        group="optimisation")
     logging_steps: int = opt(1, "Log metrics every this many optimizer steps.", group="training")
@@ -104,6 +107,11 @@ class Examples:
     def __len__(self) -> int:
         return len(self.chosen_ids)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Padded width each pair needs in a concatenated forward."""
+        return np.array([max(len(c), len(r)) for c, r in zip(self.chosen_ids, self.rejected_ids)])
+
 
 def load_examples(store: ReferenceStore, hashes: list[str], *, allow_missing: bool) -> Examples:
     table, missing = store.read_rows(hashes, EXAMPLE_COLUMNS, allow_missing=allow_missing)
@@ -142,21 +150,6 @@ def policy_tokenizer(model_cfg: ModelConfig, store: ReferenceStore):
                           f"store {store.root} was scored with (tokenizer_sha256 {found[:12]} != {expected[:12]}); "
                           "score the data with this tokenizer first")
     return tok
-
-
-def iter_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
-    """Per-epoch seeded permutation cut into global batches; each rank takes its slice.
-
-    With several ranks the last global batch is completed by wrapping around, so every rank sees the
-    same number of micro-batches (as torch's DistributedSampler does).
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    global_bs = batch_size * world
-    if world > 1 and len(order) % global_bs:
-        order = np.concatenate([order, order[: global_bs - len(order) % global_bs]])
-    for start in range(0, len(order), global_bs):
-        part = order[start:start + global_bs]
-        yield part[rank * batch_size:(rank + 1) * batch_size] if world > 1 else part
 
 
 def forward_batch(logp_model, ex: Examples, idx, pad_id: int, device):
@@ -240,7 +233,7 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
 
 RESUME_FIELDS = ("loss_type", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "learning_rate",
                  "weight_decay", "warmup_ratio", "lr_scheduler_type", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "seed", "max_grad_norm")
+                 "gradient_accumulation_steps", "seed", "max_grad_norm", "group_by_length")
 
 
 def resume_settings(cfg: TrainConfig, store: ReferenceStore, list_name: str, n: int, world: int,
@@ -256,9 +249,12 @@ def _micro_batches(state: TrainState, skip: int = 0):
     """Endless (epoch, indices) micro-batches; the first ``skip`` are passed over (resume)."""
     cfg, acc = state.cfg, state.accelerator
     epoch, produced = 0, 0
+    lengths = state.examples.lengths
     while True:
-        for idx in iter_batches(len(state.examples), cfg.per_device_train_batch_size, cfg.seed, epoch,
-                                acc.process_index, acc.num_processes):
+        step_batch = cfg.per_device_train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+        order = epoch_order(lengths, step_batch, cfg.seed, epoch,
+                            group_by_length=cfg.group_by_length)
+        for idx in micro_batches(order, cfg.per_device_train_batch_size, acc.process_index, acc.num_processes):
             produced += 1
             if produced > skip:
                 yield epoch, idx
