@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,6 +25,7 @@ from dpocache.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from dpocache.config import ConfigError, check, opt
 from dpocache.logprobs import TokenLogps, pad_batch
 from dpocache.losses import LOSS_TYPES, REFERENCE_FREE, SequenceLogps, batch_metrics, preference_loss
+from dpocache.model_card import write_model_card
 from dpocache.modeling import ModelConfig, load_causal_lm, load_tokenizer, resize_for_tokenizer
 from dpocache.tracking import JsonlWriter, MetricAverager, format_line
 
@@ -192,7 +192,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
     from transformers import get_scheduler
 
     check(model_cfg.model_name_or_path is not None, "train needs --model_name_or_path (the policy)")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     set_seed(cfg.seed)
     if cfg.loss_type in REFERENCE_FREE and cfg.store is None:
         raise ConfigError("reference-free training reads its examples from a store too: pass --store")
@@ -287,25 +288,29 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
     seen = start * cfg.gradient_accumulation_steps
     state.logp_model.train()
     for step in range(start + 1, state.total_steps + 1):
-        for k in range(cfg.gradient_accumulation_steps):
+        grad_norm = None
+        for _ in range(cfg.gradient_accumulation_steps):
             epoch, idx = next(micro)
-            sync = k == cfg.gradient_accumulation_steps - 1
-            with acc.no_sync(state.logp_model) if not sync else nullcontext():
+            # accelerate's accumulate(): no gradient sync and no optimizer step until the last
+            # micro-batch; backward() divides the loss by the accumulation steps (DeepSpeed: the engine).
+            with acc.accumulate(state.logp_model):
                 policy, reference, ntok = forward_batch(state.logp_model, state.examples, idx,
                                                         state.tokenizer.pad_token_id, acc.device)
                 out = preference_loss(cfg.loss_type, policy, reference, beta=cfg.beta,
                                       label_smoothing=cfg.label_smoothing,
                                       gamma_beta_ratio=cfg.gamma_beta_ratio, sft_weight=cfg.sft_weight)
-                acc.backward(out.losses.mean() / cfg.gradient_accumulation_steps)
+                acc.backward(out.losses.mean())
+                if acc.sync_gradients:
+                    grad_norm = _clip(acc, state, cfg.max_grad_norm)
+                state.optimizer.step()
+                state.optimizer.zero_grad(set_to_none=True)
             averager.add(batch_metrics(out))
             tokens += ntok
             seen += 1
-        grad_norm = acc.clip_grad_norm_(state.logp_model.parameters(), cfg.max_grad_norm or float("inf"))
-        averager.add({"grad_norm": float(grad_norm)})
+        if grad_norm is not None:
+            averager.add({"grad_norm": grad_norm})
         lr = state.scheduler.get_last_lr()[0]
-        state.optimizer.step()
         state.scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         if step % cfg.logging_steps == 0 or step == state.total_steps:
             metrics = _reduce(acc, averager.pop())
@@ -327,6 +332,18 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
     return state.history
 
 
+def _clip(acc, state: TrainState, max_norm: float | None) -> float | None:
+    """Clip (when asked) and return the global gradient norm before clipping."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        engine = state.logp_model
+        norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+        return None if norm is None else float(norm)
+    norm = acc.clip_grad_norm_(state.logp_model.parameters(), max_norm if max_norm else float("inf"))
+    return float(norm)
+
+
 def _reduce(acc, metrics: dict[str, float]) -> dict[str, float]:
     if acc.num_processes == 1:
         return metrics
@@ -346,7 +363,11 @@ def save(state: TrainState, *, log=print) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
         state.tokenizer.save_pretrained(out)
-        log(f"stage two: model and tokenizer saved to {out}")
+        write_model_card(out, base_model=state.model_cfg.model_name_or_path, train_cfg=state.cfg,
+                         store_root=state.store.root, store_identity=state.store.identity,
+                         list_name=state.list_name, examples=len(state.examples),
+                         final_metrics=state.history[-1] if state.history else {})
+        log(f"stage two: model, tokenizer and model card saved to {out}")
     acc.wait_for_everyone()
     return out
 

@@ -1,0 +1,36 @@
+"""The README.md model card saved next to a trained model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from dpocache import __version__
+
+
+def write_model_card(out_dir: str | Path, *, base_model: str, train_cfg, store_root: str | Path,
+                     store_identity: dict, list_name: str, examples: int, final_metrics: dict) -> Path:
+    """Write ``README.md``: training config, reference store identity and final metrics."""
+    out = Path(out_dir)
+    config = {k: v for k, v in dataclasses.asdict(train_cfg).items()}
+    front = {"library_name": "transformers", "tags": ["dpo", "dpocache"], "base_model": str(base_model)}
+    text = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {out.resolve().name}", "",
+        f"Trained with dpocache {__version__} from `{base_model}` with the `{train_cfg.loss_type}` "
+        f"preference loss on {examples} pairs (example list `{list_name}` of the reference store).", "",
+        "## Final metrics", "", "| metric | value |", "| --- | --- |",
+        *[f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in final_metrics.items()],
+        "", "## Reference store identity", "", f"Store: `{Path(store_root).name}`", "", "```json",
+        json.dumps(store_identity, indent=2, sort_keys=True), "```", "",
+        "## Training configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```", "",
+    ]
+    path = out / "README.md"
+    tmp = path.with_name(".README.md.tmp")
+    tmp.write_text("\n".join(text))
+    os.replace(tmp, path)
+    return path
