@@ -34,12 +34,14 @@ class RunConfig:
 
 def apply_embedded_defaults(model_cfg: ModelConfig, data_cfg: DataConfig, run_cfg: RunConfig, *, log=print):
     """No model or data given: use the embedded SmolLM2-135M-Instruct and preference dataset."""
-    from dpocache import defaults
-
     if model_cfg.model_name_or_path is None:
+        from dpocache import defaults
+
         model_cfg.model_name_or_path = str(defaults.default_model_path())
         log(f"model: embedded default {defaults.DEFAULT_MODEL_NAME} ({model_cfg.model_name_or_path})")
     if data_cfg.dataset is None and not data_cfg.mixer_list:
+        from dpocache import defaults
+
         files = defaults.default_dataset_files()
         data_cfg.dataset = str(files["train"])
         if run_cfg.heldout_dataset is None:

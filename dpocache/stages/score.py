@@ -151,6 +151,7 @@ class ScorePlan:
     store: ReferenceStore
     todo: list[int]
     data_stats: dict
+    hashes: list[str]  # the ordered example list (with repeats when a source is upsampled)
 
 
 def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, *, progress=True) -> ScorePlan:
@@ -171,7 +172,7 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, 
     hashes = prepared.dataset["hash"]
     todo = [i for i, h in enumerate(hashes) if h not in existing and in_part(h, parts, index)]
     name = score_cfg.store_dataset or prepared.name
-    return ScorePlan(tokenizer, prepared.dataset, name, store, todo, prepared.stats)
+    return ScorePlan(tokenizer, prepared.dataset, name, store, todo, prepared.stats, prepared.hashes)
 
 
 def _rows_for(batch: dict, logps: list[np.ndarray], keep_token_logps: bool) -> list[dict]:
@@ -232,6 +233,6 @@ def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConf
             tokens = score(plan, scorer, score_cfg, progress=progress)
         finally:
             scorer.close()
-    plan.store.record_list(plan.list_name, list(plan.dataset["hash"]))
+    plan.store.record_list(plan.list_name, plan.hashes)
     return ScoreResult(str(plan.store.root), plan.list_name, total, len(plan.todo), total - len(plan.todo),
                        time.perf_counter() - t0, tokens, plan.data_stats)

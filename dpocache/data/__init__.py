@@ -1,0 +1,10 @@
+"""The data layer: sources, formats, mixtures, chat templates, masking, example hash, bad input."""
+
+from dpocache.data.config import DataConfig
+from dpocache.data.errors import DataError
+from dpocache.data.prepare import PreparedData, load_preference_data, mixture_name
+from dpocache.data.templates import CHAT_TEMPLATES, prepare_tokenizer
+from dpocache.data.tokenize import HASH_VERSION, example_hash
+
+__all__ = ["CHAT_TEMPLATES", "DataConfig", "DataError", "HASH_VERSION", "PreparedData", "example_hash",
+           "load_preference_data", "mixture_name", "prepare_tokenizer"]
