@@ -69,6 +69,7 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
     heldout = None
     if run_cfg.heldout_dataset:
         held_data = dataclasses.replace(data_cfg, dataset=run_cfg.heldout_dataset, mixer_list=[],
+                                        mixer_list_splits=data_cfg.mixer_list_splits[:1],
                                         max_train_samples=None)
         held_score = dataclasses.replace(score_cfg, store=first.store,
                                          store_dataset=f"{first.list_name}-heldout")

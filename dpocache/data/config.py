@@ -33,8 +33,7 @@ class DataConfig:
     tokenizer_name_or_path: str | None = opt(None, "Tokenizer (default: the model's).", group="data")
 
     def __post_init__(self):
-        if self.dataset and not self.mixer_list:
-            self.mixer_list = [self.dataset, "1.0"]
+        check(not (self.dataset and self.mixer_list), "give --dataset or --mixer_list, not both")
         check(len(self.mixer_list) % 2 == 0, "mixer_list: expected SRC AMOUNT pairs, got an odd number of values")
         for amount in self.mixer_list[1::2]:
             try:
@@ -48,8 +47,13 @@ class DataConfig:
         check(self.max_seq_length is None or self.max_seq_length >= 2, "max_seq_length must be >= 2")
         check(self.max_train_samples is None or self.max_train_samples >= 1, "max_train_samples must be >= 1")
 
+    def mixture(self) -> list[str]:
+        """The effective mixer list (``--dataset D`` is ``--mixer_list D 1.0``)."""
+        return list(self.mixer_list) if self.mixer_list else ([self.dataset, "1.0"] if self.dataset else [])
+
     def sources(self) -> list[tuple[str, str, str]]:
         """(source, amount, split) triples."""
-        pairs = list(zip(self.mixer_list[0::2], self.mixer_list[1::2]))
+        mix = self.mixture()
+        pairs = list(zip(mix[0::2], mix[1::2]))
         splits = self.mixer_list_splits * len(pairs) if len(self.mixer_list_splits) == 1 else self.mixer_list_splits
         return [(src, amount, split) for (src, amount), split in zip(pairs, splits)]

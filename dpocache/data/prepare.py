@@ -117,16 +117,17 @@ def _select(n: int, amount: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def mixture_name(cfg: DataConfig) -> str:
-    first = Path(cfg.mixer_list[0]).name if cfg.mixer_list else "dataset"
+    mix = cfg.mixture()
+    first = Path(mix[0]).name if mix else "dataset"
     stem = re.sub(r"[^A-Za-z0-9._=-]+", "_", first.rsplit(".", 1)[0] if "." in first else first).strip("_.")
-    spec = json.dumps([cfg.mixer_list, cfg.mixer_list_splits, cfg.max_train_samples, cfg.seed])
+    spec = json.dumps([mix, cfg.mixer_list_splits, cfg.max_train_samples, cfg.seed])
     return f"{stem[:60] or 'dataset'}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
 
 def load_preference_data(cfg: DataConfig, tokenizer, *, progress: bool = True) -> PreparedData:
     import datasets
 
-    if not cfg.mixer_list:
+    if not cfg.mixture():
         raise DataError("--dataset/--mixer_list", None, "no data given", reason="config")
     if cfg.dataset_format not in ("auto",) + FORMATS:
         raise DataError("--dataset_format", None, f"unknown format {cfg.dataset_format!r}", reason="config")

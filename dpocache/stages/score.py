@@ -112,7 +112,7 @@ class HFScorer:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def token_logps(self, sequences: list, masks: list) -> list[np.ndarray]:
+    def token_logps(self, sequences: list, masks: list, on_batch=None) -> list[np.ndarray]:
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         out: list[np.ndarray | None] = [None] * len(sequences)
         for start in range(0, len(order), self.batch_size):
@@ -121,6 +121,8 @@ class HFScorer:
             values = self.logps(ids, attn, tmask).double().numpy()
             for row, i in enumerate(idx):
                 out[i] = values[row, :len(sequences[i])]
+            if on_batch:
+                on_batch(len(idx), int(attn.sum()))
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -136,8 +138,11 @@ class VLLMAdapter:
 
         self.scorer = VLLMScorer(str(model_cfg.model_name_or_path), vllm_options, seed=seed)
 
-    def token_logps(self, sequences: list, masks: list) -> list[np.ndarray]:
-        return self.scorer.token_logps(sequences)
+    def token_logps(self, sequences: list, masks: list, on_batch=None) -> list[np.ndarray]:
+        values = self.scorer.token_logps(sequences)
+        if on_batch:
+            on_batch(len(sequences), sum(len(s) for s in sequences))
+        return values
 
     def close(self) -> None:
         self.scorer.close()
@@ -152,6 +157,7 @@ class ScorePlan:
     todo: list[int]
     data_stats: dict
     hashes: list[str]  # the ordered example list (with repeats when a source is upsampled)
+    reused: int = 0    # examples already in the store
 
 
 def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, *, progress=True) -> ScorePlan:
@@ -171,8 +177,9 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, 
     parts, index = _partition(score_cfg)
     hashes = prepared.dataset["hash"]
     todo = [i for i, h in enumerate(hashes) if h not in existing and in_part(h, parts, index)]
+    reused = sum(1 for h in hashes if h in existing)
     name = score_cfg.store_dataset or prepared.name
-    return ScorePlan(tokenizer, prepared.dataset, name, store, todo, prepared.stats, prepared.hashes)
+    return ScorePlan(tokenizer, prepared.dataset, name, store, todo, prepared.stats, prepared.hashes, reused)
 
 
 def _rows_for(batch: dict, logps: list[np.ndarray], keep_token_logps: bool) -> list[dict]:
@@ -195,22 +202,25 @@ def _rows_for(batch: dict, logps: list[np.ndarray], keep_token_logps: bool) -> l
 
 def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> int:
     """Score ``plan.todo`` chunk by chunk; each chunk becomes complete store rows. Returns tokens."""
-    tokens = 0
     chunk = score_cfg.rows_per_shard
-    bar = tqdm(total=len(plan.todo), desc="stage one: scoring", unit="ex", disable=not progress)
+    bar = tqdm(total=2 * len(plan.todo), desc="stage one: scoring", unit="seq", disable=not progress)
     start = time.perf_counter()
+    seen = {"tokens": 0}
+
+    def on_batch(sequences: int, tokens: int) -> None:
+        seen["tokens"] += tokens
+        bar.update(sequences)
+        bar.set_postfix(tok_s=f"{seen['tokens'] / max(time.perf_counter() - start, 1e-9):.0f}")
+
     with plan.store.writer(rows_per_shard=score_cfg.rows_per_shard) as writer:
         for begin in range(0, len(plan.todo), chunk):
             batch = plan.dataset.select(plan.todo[begin:begin + chunk]).to_dict()
             seqs = batch["chosen_input_ids"] + batch["rejected_input_ids"]
             masks = batch["chosen_mask"] + batch["rejected_mask"]
-            logps = scorer.token_logps(seqs, masks)
+            logps = scorer.token_logps(seqs, masks, on_batch)
             writer.add_many(_rows_for(batch, logps, score_cfg.save_token_logps))
-            tokens += sum(len(s) for s in seqs)
-            bar.update(len(batch["hash"]))
-            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.0f}")
     bar.close()
-    return tokens
+    return seen["tokens"]
 
 
 def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, vllm_options=None,
@@ -219,12 +229,14 @@ def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConf
     plan = setup(model_cfg, data_cfg, score_cfg, progress=progress)
     total = len(plan.dataset)
     tokens = 0
+    other = total - plan.reused - len(plan.todo)
+    elsewhere = f" ({other} belong to other parts of the split)" if other else ""
     if not plan.todo:
-        log(f"stage one: all {total} examples of '{plan.list_name}' are already in {plan.store.root}; "
-            "nothing to score")
+        log(f"stage one: {plan.reused} of {total} examples of '{plan.list_name}' are already in "
+            f"{plan.store.root}{elsewhere}; nothing to score")
     else:
-        log(f"stage one: {total - len(plan.todo)} examples reused from the store, {len(plan.todo)} to score "
-            f"with the {score_cfg.backend} backend")
+        log(f"stage one: {plan.reused} examples reused from the store, {len(plan.todo)} to score "
+            f"with the {score_cfg.backend} backend{elsewhere}")
         if score_cfg.backend == "vllm":
             scorer = VLLMAdapter(model_cfg, vllm_options, data_cfg.seed)
         else:
@@ -234,5 +246,5 @@ def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConf
         finally:
             scorer.close()
     plan.store.record_list(plan.list_name, plan.hashes)
-    return ScoreResult(str(plan.store.root), plan.list_name, total, len(plan.todo), total - len(plan.todo),
+    return ScoreResult(str(plan.store.root), plan.list_name, total, len(plan.todo), plan.reused,
                        time.perf_counter() - t0, tokens, plan.data_stats)

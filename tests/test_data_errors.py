@@ -1,0 +1,94 @@
+"""Bad input: each defect is reported with its source, row (line for JSONL) and defect; skip mode counts."""
+
+import json
+
+import pytest
+
+from conftest import conversational_rows, write_jsonl
+from dpocache.cli import main
+from dpocache.data import DataConfig, DataError, load_preference_data, prepare_tokenizer
+
+U = {"role": "user", "content": "Hi"}
+
+
+def A(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPOCACHE_HOME", str(tmp_path / "home"))
+
+
+def load(tokenizer, path, **kw):
+    cfg = DataConfig(dataset=str(path), **kw)
+    tok, _ = prepare_tokenizer(tokenizer, cfg)
+    return load_preference_data(cfg, tok, progress=False)
+
+
+BAD_ROWS = [
+    ({"rejected": [U, A("b")]}, "`chosen` is missing"),
+    ({"chosen": None, "rejected": [U, A("b")]}, "`chosen` is null"),
+    ({"chosen": [U, {"role": "assistant", "content": 5}], "rejected": [U, A("b")]},
+     "`chosen`[1].content must be a string, got int"),
+    ({"chosen": [[U, A("a")]], "rejected": [U, A("b")]}, "`chosen`[0] must be a {role, content} object, got list"),
+    ({"chosen": [U, A("  ")], "rejected": [U, A("b")]}, "the assistant reply of `chosen` is empty"),
+    ({"chosen": [U, A("same")], "rejected": [U, A("same")]}, "chosen and rejected are identical"),
+    ({"chosen": [U, A("a")], "rejected": [{"role": "user", "content": "Other"}, A("b")]},
+     "the prompts (turns before the last) of chosen and rejected differ"),
+    ({"chosen": [A("a"), U], "rejected": [A("a"), U]}, "the last turn of `chosen` is 'user', not the assistant's"),
+    ({"chosen": [{"role": "wizard", "content": "x"}, A("a")], "rejected": [{"role": "wizard", "content": "x"}, A("b")]},
+     "`chosen`[0] has unknown role 'wizard'"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_ROWS)
+def test_each_defect_names_file_line_and_defect(tokenizer, tmp_path, bad, message):
+    rows = conversational_rows(3)
+    path = write_jsonl(tmp_path / "d.jsonl", rows[:2] + [bad] + rows[2:])
+    with pytest.raises(DataError) as err:
+        load(tokenizer, path)
+    assert str(err.value).startswith(f"{path}, line 3: {message}")
+
+
+def test_truncated_last_line_and_not_json(tokenizer, tmp_path):
+    path = tmp_path / "t.jsonl"
+    good = "".join(json.dumps(r) + "\n" for r in conversational_rows(2))
+    path.write_text(good + '{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assis')
+    with pytest.raises(DataError, match=r"t\.jsonl, line 3: truncated last line"):
+        load(tokenizer, path)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"\x00\x01 this is not parquet at all")
+    with pytest.raises(DataError, match=r"junk\.parquet: not a Parquet file"):
+        load(tokenizer, junk)
+    txt = tmp_path / "junk.jsonl"
+    txt.write_text("hello world\n")
+    with pytest.raises(DataError, match=r"junk\.jsonl, line 1: not valid JSON"):
+        load(tokenizer, txt)
+
+
+def test_skip_mode_counts_each_defect(tokenizer, tmp_path):
+    rows = conversational_rows(4)
+    path = write_jsonl(tmp_path / "d.jsonl", rows + [b for b, _ in BAD_ROWS])
+    data = load(tokenizer, path, on_bad_row="skip")
+    assert len(data.dataset) == 4
+    dropped = data.stats["sources"][0]["dropped"]
+    assert sum(dropped.values()) == len(BAD_ROWS)
+    assert dropped["identical_pair"] == 1 and dropped["unknown_role"] == 1 and dropped["missing_chosen"] == 1
+
+
+def test_offline_hub_name_is_one_clear_line(tokenizer, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError) as err:
+        load(tokenizer, "someorg/some-preference-data")
+    text = str(err.value)
+    assert "could not fetch this dataset from the Hugging Face Hub (the machine is offline)" in text
+    assert "pass a local path" in text and "\n" not in text
+
+
+def test_cli_prints_message_not_traceback(tokenizer_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [BAD_ROWS[5][0]])
+    assert main(["data", "--dataset", str(path), "--tokenizer_name_or_path", str(tokenizer_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "line 1: chosen and rejected are identical" in err and "Traceback" not in err
