@@ -63,8 +63,7 @@ RAMBLE = ["Well, that is a really interesting question and there are many ways t
           "Great question! Before answering, it is worth considering the broader context here.",
           "I am not completely sure, but I will try my best to give you a helpful answer.",
           "There are a lot of factors to consider, so let me walk through my reasoning slowly."]
-SYSTEMS = ["You are a concise assistant. Answer exactly what is asked.",
-           "You are a helpful assistant that follows instructions precisely."]
+SYSTEMS = ["Be concise.", "Answer exactly what is asked.", "Follow the instructions."]
 
 
 def split_half(items, rng, heldout_share=0.25):
@@ -166,11 +165,10 @@ class Generator:
     def row(self, i: int, split: str) -> dict:
         task = self.TASKS[i % len(self.TASKS)]
         prompt, good, bad = getattr(self, task)()
-        messages = []
-        roll = self.rng.random()
-        if roll < 0.15:
-            messages.append({"role": "system", "content": self.rng.choice(SYSTEMS)})
-        elif roll < 0.25:
+        # A short system message on every row (it also replaces long default system prompts that some
+        # chat templates insert, keeping sequences short); one row in ten carries an earlier exchange.
+        messages = [{"role": "system", "content": self.rng.choice(SYSTEMS)}]
+        if self.rng.random() < 0.1:
             warm_q, warm_a, _ = self.addition()
             messages += [{"role": "user", "content": warm_q}, {"role": "assistant", "content": warm_a}]
         messages.append({"role": "user", "content": prompt})

@@ -96,11 +96,15 @@ def test_tulu_template_masks_and_truncation(tokenizer, tmp_path):
     data, tok = prepared(tokenizer, dataset=str(path), chat_template_name="tulu")
     ex = data.dataset[0]
     assert trainable_text(tok, ex["chosen_input_ids"], ex["chosen_mask"]).endswith(tok.eos_token)
-    short, _ = prepared(tokenizer, dataset=str(path), chat_template_name="tulu", max_seq_length=14)
-    assert all(len(x) <= 14 for x in short.dataset["chosen_input_ids"])
-    # prompts are ~20 tokens: nothing trainable is left, so every pair is dropped and counted
+    full_len = min(len(x) for x in data.dataset["rejected_input_ids"])
+    prompt_len = min(m.index(1) for m in data.dataset["rejected_mask"])
+    limit = (prompt_len + full_len) // 2 + 1
+    short, _ = prepared(tokenizer, dataset=str(path), chat_template_name="tulu", max_seq_length=limit)
+    assert all(len(x) <= limit for x in short.dataset["rejected_input_ids"])
+    assert short.stats["totals"]["truncated"] > 0 and short.stats["totals"]["kept"] > 0
+    # below the prompt length nothing trainable is left: every pair is dropped and counted
     with pytest.raises(Exception, match="no usable examples"):
-        prepared(tokenizer, dataset=str(path), chat_template_name="tulu", max_seq_length=8)
+        prepared(tokenizer, dataset=str(path), chat_template_name="tulu", max_seq_length=prompt_len - 2)
 
 
 def test_pad_token_differs_from_eos(tokenizer):

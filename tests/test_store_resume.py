@@ -35,7 +35,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_store(tmp_path_factory, tiny_model_dir, data):
     out = tmp_path_factory.mktemp("ref") / "store"
-    assert subprocess.run(score_cmd(tiny_model_dir, data[0], out), capture_output=True).returncode == 0
+    cmd = score_cmd(tiny_model_dir, data[0], out, "--rows_per_shard", "2")
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
     return out
 
 
@@ -84,7 +85,8 @@ def test_two_parts_then_merge_equals_single(tiny_model_dir, data, reference_stor
     for i in range(2):
         part = tmp_path / f"part{i}"
         assert main(["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data[0]), "--store",
-                     str(part), "--store_dataset", "mix", "--num_shards", "2", "--shard_index", str(i)]) == 0
+                     str(part), "--store_dataset", "mix", "--num_shards", "2", "--shard_index", str(i),
+                     "--batch_size", "2", "--rows_per_shard", "2"]) == 0
         parts.append(part)
     sizes = [ReferenceStore.open(p).num_rows() for p in parts]
     assert sum(sizes) == 120 and min(sizes) > 0

@@ -72,8 +72,18 @@ def _partition(score_cfg: ScoreConfig) -> tuple[int, int]:
     return world, int(os.environ.get("RANK", "0"))
 
 
-def in_part(example_hash: str, parts: int, index: int) -> bool:
-    return parts == 1 or int(example_hash[:12], 16) % parts == index
+def plan_chunks(hashes: list[str], existing: set[str], rows_per_chunk: int, parts: int, index: int) -> list[list[int]]:
+    """Deterministic work units: the examples sorted by hash, cut into chunks of ``rows_per_chunk``.
+
+    Chunk k belongs to part ``k % parts``. Each chunk is scored as one shard, so a rerun after a crash
+    (completed chunks are in the store, the one in flight is not) scores exactly the same batches as
+    an uninterrupted run, and parts of a split score the same batches as a single job: the values
+    are bit-identical, not merely close.
+    """
+    order = sorted(range(len(hashes)), key=hashes.__getitem__)
+    chunks = [order[k:k + rows_per_chunk] for k in range(0, len(order), rows_per_chunk)]
+    todo = ([i for i in chunk if hashes[i] not in existing] for k, chunk in enumerate(chunks) if k % parts == index)
+    return [chunk for chunk in todo if chunk]
 
 
 def default_store_dir(identity: dict):
@@ -154,10 +164,14 @@ class ScorePlan:
     dataset: object  # datasets.Dataset of tokenized examples
     list_name: str
     store: ReferenceStore
-    todo: list[int]
+    chunks: list[list[int]]
     data_stats: dict
     hashes: list[str]  # the ordered example list (with repeats when a source is upsampled)
     reused: int = 0    # examples already in the store
+
+    @property
+    def pending(self) -> int:
+        return sum(len(c) for c in self.chunks)
 
 
 def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, *, progress=True) -> ScorePlan:
@@ -176,10 +190,10 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, 
     existing = store.hashes()
     parts, index = _partition(score_cfg)
     hashes = prepared.dataset["hash"]
-    todo = [i for i, h in enumerate(hashes) if h not in existing and in_part(h, parts, index)]
+    chunks = plan_chunks(hashes, existing, score_cfg.rows_per_shard, parts, index)
     reused = sum(1 for h in hashes if h in existing)
     name = score_cfg.store_dataset or prepared.name
-    return ScorePlan(tokenizer, prepared.dataset, name, store, todo, prepared.stats, prepared.hashes, reused)
+    return ScorePlan(tokenizer, prepared.dataset, name, store, chunks, prepared.stats, prepared.hashes, reused)
 
 
 def _rows_for(batch: dict, logps: list[np.ndarray], keep_token_logps: bool) -> list[dict]:
@@ -201,9 +215,8 @@ def _rows_for(batch: dict, logps: list[np.ndarray], keep_token_logps: bool) -> l
 
 
 def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> int:
-    """Score ``plan.todo`` chunk by chunk; each chunk becomes complete store rows. Returns tokens."""
-    chunk = score_cfg.rows_per_shard
-    bar = tqdm(total=2 * len(plan.todo), desc="stage one: scoring", unit="seq", disable=not progress)
+    """Score ``plan.chunks``; each chunk becomes one shard of complete rows. Returns the tokens scored."""
+    bar = tqdm(total=2 * plan.pending, desc="stage one: scoring", unit="seq", disable=not progress)
     start = time.perf_counter()
     seen = {"tokens": 0}
 
@@ -213,12 +226,13 @@ def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> 
         bar.set_postfix(tok_s=f"{seen['tokens'] / max(time.perf_counter() - start, 1e-9):.0f}")
 
     with plan.store.writer(rows_per_shard=score_cfg.rows_per_shard) as writer:
-        for begin in range(0, len(plan.todo), chunk):
-            batch = plan.dataset.select(plan.todo[begin:begin + chunk]).to_dict()
+        for chunk in plan.chunks:
+            batch = plan.dataset.select(chunk).to_dict()
             seqs = batch["chosen_input_ids"] + batch["rejected_input_ids"]
             masks = batch["chosen_mask"] + batch["rejected_mask"]
             logps = scorer.token_logps(seqs, masks, on_batch)
             writer.add_many(_rows_for(batch, logps, score_cfg.save_token_logps))
+            writer.flush()  # one chunk, one shard
     bar.close()
     return seen["tokens"]
 
@@ -229,13 +243,13 @@ def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConf
     plan = setup(model_cfg, data_cfg, score_cfg, progress=progress)
     total = len(plan.dataset)
     tokens = 0
-    other = total - plan.reused - len(plan.todo)
+    other = total - plan.reused - plan.pending
     elsewhere = f" ({other} belong to other parts of the split)" if other else ""
-    if not plan.todo:
+    if not plan.chunks:
         log(f"stage one: {plan.reused} of {total} examples of '{plan.list_name}' are already in "
             f"{plan.store.root}{elsewhere}; nothing to score")
     else:
-        log(f"stage one: {plan.reused} examples reused from the store, {len(plan.todo)} to score "
+        log(f"stage one: {plan.reused} examples reused from the store, {plan.pending} to score "
             f"with the {score_cfg.backend} backend{elsewhere}")
         if score_cfg.backend == "vllm":
             scorer = VLLMAdapter(model_cfg, vllm_options, data_cfg.seed)
@@ -246,5 +260,5 @@ def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConf
         finally:
             scorer.close()
     plan.store.record_list(plan.list_name, plan.hashes)
-    return ScoreResult(str(plan.store.root), plan.list_name, total, len(plan.todo), plan.reused,
+    return ScoreResult(str(plan.store.root), plan.list_name, total, plan.pending, plan.reused,
                        time.perf_counter() - t0, tokens, plan.data_stats)
