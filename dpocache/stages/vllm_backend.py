@@ -63,8 +63,11 @@ class VLLMScorer:
         except ImportError as exc:
             raise RuntimeError(f"the vLLM backend needs vLLM ({exc}): install the vllm extra, "
                                "pip install 'dpocache[vllm]'") from None
+        import torch
+
         self.options = options
         self.progress = progress
+        self._threads = torch.get_num_threads()  # the CPU engine lowers torch's thread count
         kwargs = dict(model=str(model_path), tokenizer=str(tokenizer_path or model_path), dtype=options.vllm_dtype,
                       tensor_parallel_size=options.vllm_tensor_parallel_size, seed=seed,
                       gpu_memory_utilization=options.vllm_gpu_memory_utilization,
@@ -119,6 +122,9 @@ class VLLMScorer:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
+        import torch
+
+        torch.set_num_threads(self._threads)
         try:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
