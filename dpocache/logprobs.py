@@ -45,24 +45,32 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape
 
 
 def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         mask: torch.Tensor, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """``[B, T]`` fp32: log p(ids[b, t] | ids[b, :t]) where ``mask[b, t]``, else 0 (fast path)."""
+                         mask: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, router_logits: bool = False):
+    """``[B, T]`` fp32: log p(ids[b, t] | ids[b, :t]) where ``mask[b, t]``, else 0 (fast path).
+
+    With ``router_logits`` (MoE models) returns ``(logps, router_logits)``.
+    """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    extra = {"output_router_logits": True} if router_logits else {}
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    hidden = out[0]
     rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
     values = _chunked_head_logps(head, hidden[rows, cols], input_ids[rows, cols + 1], chunk)
-    return _scatter(values, rows, cols + 1, input_ids.shape)
+    logps = _scatter(values, rows, cols + 1, input_ids.shape)
+    return (logps, out.router_logits) if router_logits else logps
 
 
 def full_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor, *, router_logits: bool = False):
     """Reference implementation through the model's own forward (full logits)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    extra = {"output_router_logits": True} if router_logits else {}
+    result = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    logits = result.logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
     out[:, 1:] = picked * mask[:, 1:].to(picked.dtype)
-    return out
+    return (out, result.router_logits) if router_logits else out
 
 
 def supports_selected_path(model: nn.Module, *, atol: float = 1e-4) -> bool:
@@ -96,16 +104,36 @@ class TokenLogps(nn.Module):
     inside the wrapper's forward and gradient synchronisation works as usual.
     """
 
-    def __init__(self, model: nn.Module, *, selected: bool | None = None, chunk: int = DEFAULT_CHUNK):
+    def __init__(self, model: nn.Module, *, selected: bool | None = None, chunk: int = DEFAULT_CHUNK,
+                 load_balancing: bool = False):
         super().__init__()
         self.model = model
         self.selected = supports_selected_path(model) if selected is None else selected
         self.chunk = chunk
+        self.load_balancing = load_balancing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor):
+        """Per-token log-probs; with ``load_balancing`` (MoE) a tuple ``(logps, router aux loss)``."""
         if self.selected:
-            return selected_token_logps(self.model, input_ids, attention_mask, mask, chunk=self.chunk)
-        return full_token_logps(self.model, input_ids, attention_mask, mask)
+            out = selected_token_logps(self.model, input_ids, attention_mask, mask, chunk=self.chunk,
+                                       router_logits=self.load_balancing)
+        else:
+            out = full_token_logps(self.model, input_ids, attention_mask, mask, router_logits=self.load_balancing)
+        if not self.load_balancing:
+            return out
+        logps, router = out
+        return logps, router_aux_loss(self.model.config, router, attention_mask)
+
+
+def router_aux_loss(config, router_logits, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The MoE load-balancing loss (Switch Transformer), as transformers computes it for the model."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", 2)
+    if experts is None or router_logits is None:
+        raise ValueError("--load_balancing_loss needs a mixture-of-experts model (no router logits)")
+    return load_balancing_loss_func(router_logits, experts, top_k, attention_mask)
 
 
 def pad_batch(sequences: list, masks: list, pad_id: int, *, device=None):

@@ -117,7 +117,7 @@ class HFScorer:
     def __init__(self, model_cfg: ModelConfig, tokenizer, batch_size: int):
         self.model = load_causal_lm(model_cfg)
         resize_for_tokenizer(self.model, tokenizer)
-        self.logps = TokenLogps(self.model)
+        self.logps = TokenLogps(self.model)  # no router aux loss in scoring
         self.pad_id = tokenizer.pad_token_id
         self.batch_size = batch_size
 

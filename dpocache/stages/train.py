@@ -64,6 +64,17 @@ class TrainConfig:
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", group="optimisation")
     group_by_length: bool = opt(True, "Group pairs of similar length into the same optimizer batches "
                                 "(seeded; cuts padding).", group="optimisation")
+    load_balancing_loss: bool = opt(False, "Add the MoE router load-balancing loss (e.g. OLMoE); logs aux_loss.",
+                                    group="loss")
+    load_balancing_weight: float = opt(0.001, "Weight of the load-balancing loss.", group="loss")
+    use_lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights.", group="lora")
+    lora_rank: int = opt(64, "LoRA rank.", group="lora")
+    lora_alpha: float = opt(16.0, "LoRA alpha.", group="lora")
+    lora_dropout: float = opt(0.1, "LoRA dropout.", group="lora")
+    lora_target_modules: list[str] = opt(factory=lambda: ["all-linear"], help="Modules that get adapters "
+                                         "(peft names; all-linear: every linear layer but the output head).",
+                                         group="lora")
+    merge_lora: bool = opt(False, "Save merged full weights instead of the adapter.", group="lora")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
                                        group="optimisation")
     logging_steps: int = opt(1, "Log metrics every this many optimizer steps.", group="training")
@@ -158,12 +169,15 @@ def forward_batch(logp_model, ex: Examples, idx, pad_id: int, device):
     masks = [ex.chosen_mask[i] for i in idx] + [ex.rejected_mask[i] for i in idx]
     ids, attn, tmask = pad_batch(seqs, masks, pad_id, device=device)
     per_token = logp_model(ids, attn, tmask)
+    aux = None
+    if isinstance(per_token, tuple):
+        per_token, aux = per_token
     sums, counts = per_token.sum(-1), tmask.sum(-1)
     b = len(idx)
     policy = SequenceLogps(sums[:b], sums[b:], counts[:b], counts[b:])
     ref = torch.as_tensor(ex.reference[np.asarray(idx)], dtype=torch.float32, device=device)
     reference = SequenceLogps(ref[:, 0], ref[:, 1], ref[:, 2], ref[:, 3])
-    return policy, reference, int(attn.sum())
+    return policy, reference, int(attn.sum()), aux
 
 
 @dataclass
@@ -209,12 +223,15 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
     resize_for_tokenizer(model, tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    logp_model = TokenLogps(model)
+    if cfg.use_lora:
+        model = add_lora(model, cfg)
+    logp_model = TokenLogps(model, load_balancing=cfg.load_balancing_loss)
     world = accelerator.num_processes
     micro_per_epoch = math.ceil(len(examples) / (cfg.per_device_train_batch_size * world))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps))
     total = cfg.max_train_steps or steps_per_epoch * cfg.num_epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler_type if cfg.lr_scheduler_type != "constant"
                               else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
@@ -234,7 +251,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
 
 RESUME_FIELDS = ("loss_type", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "learning_rate",
                  "weight_decay", "warmup_ratio", "lr_scheduler_type", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "seed", "max_grad_norm", "group_by_length")
+                 "gradient_accumulation_steps", "seed", "max_grad_norm", "group_by_length", "use_lora", "lora_rank",
+                 "load_balancing_loss")
 
 
 def resume_settings(cfg: TrainConfig, store: ReferenceStore, list_name: str, n: int, world: int,
@@ -294,17 +312,22 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
             # accelerate's accumulate(): no gradient sync and no optimizer step until the last
             # micro-batch; backward() divides the loss by the accumulation steps (DeepSpeed: the engine).
             with acc.accumulate(state.logp_model):
-                policy, reference, ntok = forward_batch(state.logp_model, state.examples, idx,
-                                                        state.tokenizer.pad_token_id, acc.device)
+                policy, reference, ntok, aux = forward_batch(state.logp_model, state.examples, idx,
+                                                             state.tokenizer.pad_token_id, acc.device)
                 out = preference_loss(cfg.loss_type, policy, reference, beta=cfg.beta,
                                       label_smoothing=cfg.label_smoothing,
                                       gamma_beta_ratio=cfg.gamma_beta_ratio, sft_weight=cfg.sft_weight)
-                acc.backward(out.losses.mean())
+                loss = out.losses.mean()
+                if aux is not None:
+                    loss = loss + cfg.load_balancing_weight * aux
+                acc.backward(loss)
                 if acc.sync_gradients:
                     grad_norm = _clip(acc, state, cfg.max_grad_norm)
                 state.optimizer.step()
                 state.optimizer.zero_grad(set_to_none=True)
             averager.add(batch_metrics(out))
+            if aux is not None:
+                averager.add({"aux_loss": float(aux.detach())})
             tokens += ntok
             seen += 1
         if grad_norm is not None:
@@ -330,6 +353,17 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
     if writer:
         writer.close()
     return state.history
+
+
+def add_lora(model, cfg: TrainConfig):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("--use_lora needs peft: pip install 'dpocache[lora]'") from None
+    targets = cfg.lora_target_modules
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
 
 
 def _clip(acc, state: TrainState, max_norm: float | None) -> float | None:
@@ -361,6 +395,8 @@ def save(state: TrainState, *, log=print) -> Path:
     if acc.is_main_process:
         model = acc.unwrap_model(state.logp_model).model
         out.mkdir(parents=True, exist_ok=True)
+        if state.cfg.use_lora and state.cfg.merge_lora:
+            model = model.merge_and_unload()
         model.save_pretrained(out, safe_serialization=True)
         state.tokenizer.save_pretrained(out)
         write_model_card(out, base_model=state.model_cfg.model_name_or_path, train_cfg=state.cfg,
@@ -384,7 +420,7 @@ def evaluate(logp_model, examples: Examples, pad_id: int, *, loss_type: str, bet
     correct, margins = [], []
     for start in range(0, len(examples), batch_size):
         idx = list(range(start, min(start + batch_size, len(examples))))
-        policy, reference, _ = forward_batch(logp_model, examples, idx, pad_id, device)
+        policy, reference, _, _ = forward_batch(logp_model, examples, idx, pad_id, device)
         pc, pr = policy.pick(averaged)
         rc, rr = reference.pick(averaged)
         margin = beta * ((pc - rc) - (pr - rr))

@@ -1,0 +1,77 @@
+"""LoRA (train, save the adapter or merged weights, reload) and the MoE load-balancing loss (tiny OLMoE)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
+
+from conftest import conversational_rows, write_jsonl
+from dpocache.cli import main
+from dpocache.tracking import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("extras")
+    data = write_jsonl(root / "d.jsonl", conversational_rows(16, seed=9))
+    assert main(["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data),
+                 "--store", str(root / "store")]) == 0
+    return root / "store"
+
+
+def lora_args(model, store, out, *extra):
+    return ["train", "--model_name_or_path", str(model), "--store", str(store), "--output_dir", str(out),
+            "--use_lora", "--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--learning_rate", "1e-2",
+            "--loss_type", "dpo", "--beta", "0.5", "--max_train_steps", "3", "--per_device_train_batch_size", "4",
+            "--warmup_ratio", "0", *extra]
+
+
+def test_lora_adapter_and_merged_weights(tiny_model_dir, store, tmp_path):
+    from peft import PeftModel
+
+    adapter = tmp_path / "adapter"
+    assert main(lora_args(tiny_model_dir, store, adapter)) == 0
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    losses = [r["train_loss"] for r in read_jsonl(adapter / "metrics.jsonl")]
+    assert losses[-1] < losses[0]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = PeftModel.from_pretrained(base, adapter)
+
+    merged = tmp_path / "merged"
+    assert main(lora_args(tiny_model_dir, store, merged, "--merge_lora")) == 0
+    assert not (merged / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        a = peft_model(input_ids=ids).logits
+        b = model(input_ids=ids).logits
+        c = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)  # same training, merged == adapter on the base
+    assert not torch.allclose(b, c, atol=1e-4)  # and training changed the model
+
+
+def test_olmoe_load_balancing_loss(tmp_path, tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = OlmoeConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model_dir = tmp_path / "olmoe"
+    OlmoeForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", conversational_rows(8, seed=3))
+    assert main(["score", "--model_name_or_path", str(model_dir), "--dataset", str(data),
+                 "--store", str(tmp_path / "store")]) == 0
+    out = tmp_path / "out"
+    assert main(["train", "--model_name_or_path", str(model_dir), "--store", str(tmp_path / "store"),
+                 "--output_dir", str(out), "--load_balancing_loss", "--load_balancing_weight", "0.01",
+                 "--max_train_steps", "2", "--per_device_train_batch_size", "4"]) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert all(r["aux_loss"] > 0 for r in rows)
+    # without the flag the metric is absent
+    assert main(["train", "--model_name_or_path", str(model_dir), "--store", str(tmp_path / "store"),
+                 "--output_dir", str(tmp_path / "plain"), "--max_train_steps", "1"]) == 0
+    assert "aux_loss" not in read_jsonl(tmp_path / "plain" / "metrics.jsonl")[0]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "olmoe"
