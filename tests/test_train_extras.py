@@ -75,3 +75,20 @@ def test_olmoe_load_balancing_loss(tmp_path, tokenizer_dir):
                  "--output_dir", str(tmp_path / "plain"), "--max_train_steps", "1"]) == 0
     assert "aux_loss" not in read_jsonl(tmp_path / "plain" / "metrics.jsonl")[0]
     assert json.loads((out / "config.json").read_text())["model_type"] == "olmoe"
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_tracking_writes_offline_runs(tiny_model_dir, store, tmp_path, monkeypatch, tracker, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "o"
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--store", str(store), "--output_dir", str(out),
+                 "--max_train_steps", "2", "--with_tracking", "--report_to", tracker]) == 0
+    if tracker == "tensorboard":
+        assert list(out.rglob("events.out.tfevents.*"))
+    else:
+        runs = list((out / "wandb").glob("offline-run-*"))
+        assert runs and list(runs[0].glob("*.wandb"))
+    captured = capsys.readouterr()
+    assert "x" * 40 not in captured.out + captured.err

@@ -78,6 +78,12 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
                                        group="optimisation")
     logging_steps: int = opt(1, "Log metrics every this many optimizer steps.", group="training")
+    with_tracking: bool = opt(False, "Also send metrics to the trackers of --report_to.", group="tracking")
+    report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="Trackers: tensorboard and/or wandb "
+                               "(WANDB_MODE=offline works without network).", group="tracking")
+    wandb_project: str = opt("dpocache", "Tracker project name.", group="tracking")
+    wandb_entity: str | None = opt(None, "wandb entity (team or user).", group="tracking")
+    run_name: str | None = opt(None, "Tracker run name (default: the output directory's name).", group="tracking")
     checkpointing_steps: int | None = opt(500, "Save a resumable checkpoint every this many optimizer steps "
                                           "(None: never).", group="checkpoints")
     checkpoint_at_epoch_end: bool = opt(False, "Also save a checkpoint at the end of each epoch.",
@@ -102,6 +108,8 @@ class TrainConfig:
         check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0")
         check(self.checkpointing_steps is None or self.checkpointing_steps >= 1, "checkpointing_steps must be >= 1")
         check(self.keep_last_n_checkpoints >= 1, "keep_last_n_checkpoints must be >= 1")
+        bad = sorted(set(self.report_to) - {"tensorboard", "wandb"})
+        check(not bad, f"report_to: unknown tracker(s) {bad} (tensorboard, wandb)")
 
 
 @dataclass
@@ -207,7 +215,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
 
     check(model_cfg.model_name_or_path is not None, "train needs --model_name_or_path (the policy)")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              log_with=cfg.report_to if cfg.with_tracking else None, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     if cfg.loss_type in REFERENCE_FREE and cfg.store is None:
         raise ConfigError("reference-free training reads its examples from a store too: pass --store")
@@ -245,6 +254,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
     elif cfg.resume_from_checkpoint == "auto":
         log(f"stage two: no complete checkpoint in {cfg.output_dir}; starting from scratch")
     logp_model, optimizer = accelerator.prepare(logp_model, optimizer)
+    if cfg.with_tracking:
+        start_trackers(accelerator, model_cfg, cfg)
     return TrainState(model_cfg, cfg, store, name, examples, tokenizer, model, logp_model, optimizer,
                       scheduler, accelerator, total, steps_per_epoch, settings, start_step)
 
@@ -341,6 +352,8 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
             metrics.update({"training_step": step, "learning_rate": lr, "epoch": seen / micro_per_epoch,
                             "perf/tokens_per_second": tokens * acc.num_processes / max(elapsed, 1e-9)})
             state.history.append(metrics)
+            if cfg.with_tracking:
+                acc.log(metrics, step=step)
             if writer:
                 writer.write(metrics)
                 bar.set_postfix(loss=f"{metrics['train_loss']:.4f}")
@@ -352,7 +365,26 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
     bar.close()
     if writer:
         writer.close()
+    if cfg.with_tracking:
+        acc.end_training()
     return state.history
+
+
+def start_trackers(acc, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Initialise accelerate's trackers with the run's configuration (no secrets are logged)."""
+    from dpocache.config import to_dict
+
+    config = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+              for k, v in to_dict(model_cfg, cfg).items()}
+    name = cfg.run_name or Path(cfg.output_dir).resolve().name
+    kwargs = {"wandb": {"name": name, "dir": str(Path(cfg.output_dir).resolve())}}
+    if cfg.wandb_entity:
+        kwargs["wandb"]["entity"] = cfg.wandb_entity
+    try:
+        acc.init_trackers(cfg.wandb_project, config=config, init_kwargs=kwargs)
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise ConfigError(f"--with_tracking --report_to {' '.join(cfg.report_to)}: tracker not installed ({exc}); "
+                          "pip install 'dpocache[tracking]'") from None
 
 
 def add_lora(model, cfg: TrainConfig):
