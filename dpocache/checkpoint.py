@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dpocache.artifacts.manifest import fsync_dir, pid_alive
 from dpocache.config import ConfigError
 
 MARKER = "COMPLETE"
@@ -26,14 +27,6 @@ PREFIX = "step_"
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -79,11 +72,11 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model_state: dict, opt
         with open(f, "rb+") as fh:
             os.fsync(fh.fileno())
     (tmp / MARKER).write_text("ok\n")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep_last:
         prune(output_dir, keep_last)
     return final
@@ -115,19 +108,9 @@ def prune(output_dir: str | Path, keep_last: int) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
     for stale in checkpoint_root(output_dir).glob(".tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     return doomed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, settings: dict) -> dict:

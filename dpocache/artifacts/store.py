@@ -9,7 +9,6 @@ Reading: shards are verified on open, rows are fetched by hash, in the requested
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import time
@@ -20,7 +19,7 @@ import pyarrow as pa
 
 from dpocache.artifacts.identity import file_sha256
 from dpocache.artifacts.manifest import (MANIFEST, IdentityMismatchError, Manifest, StoreError,
-                                         atomic_write_bytes, read_manifest, safe_relpath, store_lock,
+                                         atomic_write_bytes, pid_alive, read_manifest, safe_relpath, store_lock,
                                          write_manifest)
 from dpocache.artifacts.shards import (SHARD_DIR, VALUE_COLUMNS, check_shard, publish_shard, read_shard,
                                        validate_row, write_shard_file)
@@ -237,16 +236,6 @@ class ShardWriter:
         self.flush()  # nothing already computed is lost, even when the caller failed
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_orphans(root: Path, manifest: Manifest, *, max_age_s: float = 86400.0) -> list[Path]:
     """Remove shard files not in the manifest and temporaries of dead writers (caller holds the lock)."""
     removed = []
@@ -258,7 +247,7 @@ def _clean_orphans(root: Path, manifest: Manifest, *, max_age_s: float = 86400.0
             name = path.name
             if name.startswith(".tmp-"):
                 pid = _tmp_pid(name)
-                dead = pid is not None and name.startswith(f".tmp-{host}-") and not _pid_alive(pid)
+                dead = pid is not None and name.startswith(f".tmp-{host}-") and not pid_alive(pid)
                 stale = time.time() - path.stat().st_mtime > max_age_s
                 if dead or stale:
                     path.unlink(missing_ok=True)

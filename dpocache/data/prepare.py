@@ -91,7 +91,8 @@ def _tokenize(rows, tokenizer, cfg: DataConfig, source: str, progress: bool):
     features = datasets.Features({
         "row": datasets.Value("string"), "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
         "hash": datasets.Value("string"), "truncated": datasets.Value("bool"), "drop": datasets.Value("string"),
-        "chosen_input_ids": datasets.List(datasets.Value("int32")), "chosen_mask": datasets.List(datasets.Value("int8")),
+        "chosen_input_ids": datasets.List(datasets.Value("int32")),
+        "chosen_mask": datasets.List(datasets.Value("int8")),
         "rejected_input_ids": datasets.List(datasets.Value("int32")),
         "rejected_mask": datasets.List(datasets.Value("int8")),
     })
