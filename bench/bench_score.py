@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Stage-one throughput: HF backend (selected positions), vLLM backend, and a bare no_grad forward over
+the same sequences, on a ~7M-parameter Llama (head_dim 64) built here; plus the vLLM bf16 gap.
+Prints one JSON line.
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 python bench/bench_score.py
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sequences", type=int, default=256)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from conftest import GGUF_NAME, smollm_gguf_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpocache.logprobs import TokenLogps, full_token_logps, pad_batch
+    from dpocache.stages.vllm_backend import VLLMOptions, VLLMScorer
+
+    tmp = Path(tempfile.mkdtemp())
+    tok = AutoTokenizer.from_pretrained(smollm_gguf_dir(), gguf_file=GGUF_NAME)
+    tok.save_pretrained(tmp / "tok")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp / "m", tmp / "tok", hidden=128, layers=4, heads=2)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    params = sum(p.numel() for p in model.parameters())
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 49000, int(rng.integers(args.length // 2, args.length))).tolist()
+            for _ in range(args.sequences)]
+    masks = [[0] * (len(s) // 3) + [1] * (len(s) - len(s) // 3) for s in seqs]
+    tokens = sum(map(len, seqs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+
+    def run(fn):
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return tokens / float(np.median(times))
+
+    def bare():
+        with torch.no_grad():
+            for k in range(0, len(order), args.batch):
+                idx = order[k:k + args.batch]
+                ids, attn, _ = pad_batch([seqs[i] for i in idx], [masks[i] for i in idx], 0)
+                model(input_ids=ids, attention_mask=attn).logits.float().log_softmax(-1)
+
+    selected = TokenLogps(model)
+
+    def hf():
+        with torch.no_grad():
+            for k in range(0, len(order), args.batch):
+                idx = order[k:k + args.batch]
+                selected(*pad_batch([seqs[i] for i in idx], [masks[i] for i in idx], 0))
+
+    out = {"bench": "score", "params": params, "sequences": len(seqs), "tokens": tokens,
+           "bare_forward_tok_s": round(run(bare)), "hf_backend_tok_s": round(run(hf))}
+    scorer = VLLMScorer(str(model_dir), VLLMOptions(vllm_dtype="float32"), progress=False)
+    out["vllm_backend_tok_s"] = round(run(lambda: scorer.token_logps(seqs)))
+    scorer.close()
+    torch.set_num_threads(2)
+    bf = VLLMScorer(str(model_dir), VLLMOptions(vllm_dtype="bfloat16"), progress=False)
+    vals = bf.token_logps(seqs[:32])
+    bf.close()
+    gaps = []
+    for seq, v in zip(seqs[:32], vals):
+        ids, attn, m = pad_batch([seq], [[0] + [1] * (len(seq) - 1)], 0)
+        with torch.no_grad():
+            ref = full_token_logps(model, ids, attn, m)[0].double().numpy()
+        gaps.append(np.abs(ref[1:] - v[1:]))
+    gaps = np.concatenate(gaps)
+    out.update(vllm_bf16_gap_max=round(float(gaps.max()), 4), vllm_bf16_gap_mean=round(float(gaps.mean()), 4))
+    out["hf_over_bare"] = round(out["hf_backend_tok_s"] / out["bare_forward_tok_s"], 2)
+    out["vllm_over_bare"] = round(out["vllm_backend_tok_s"] / out["bare_forward_tok_s"], 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
