@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="store directory")
     p.add_argument("--verify", action="store_true", help="check every checksum and Parquet footer")
     p.add_argument("--json", action="store_true", dest="json_output", help="print one JSON object")
+    p.add_argument("--dataset", help="report how many examples of this dataset the store covers")
+    p.add_argument("--tokenizer_name_or_path", "--tokenizer-name-or-path",
+                   help="tokenizer for --dataset (the reference model's)")
     p = sub.add_parser("store", help="Store maintenance (merge).")
     store_sub = p.add_subparsers(dest="store_command", metavar="ACTION")
     m = store_sub.add_parser("merge", help="Merge sub-stores scored in parallel into one store.")
@@ -136,9 +139,30 @@ def _cmd_data(args) -> int:
 def _cmd_inspect(args) -> int:
     from dpocache.artifacts import format_inspect, inspect_store
 
-    report = inspect_store(args.store, verify=args.verify)
+    hashes = _dataset_hashes(args) if args.dataset else None
+    report = inspect_store(args.store, verify=args.verify, dataset_hashes=hashes)
     print(json.dumps(report, default=str) if args.json_output else format_inspect(report))
     return 0 if report.get("ok", True) else 1
+
+
+def _dataset_hashes(args) -> list[str]:
+    """Tokenize --dataset exactly as the store's reference identity says, and return its example list."""
+    from dpocache.artifacts import ReferenceStore
+    from dpocache.data import DataConfig, load_preference_data
+    from dpocache.modeling import load_tokenizer
+
+    if not args.tokenizer_name_or_path:
+        raise ConfigError("inspect --dataset needs --tokenizer_name_or_path (the reference model's tokenizer)")
+    store = ReferenceStore.open(args.store, verify=False)
+    ident, info = store.identity, store.versions
+    cfg = DataConfig(dataset=args.dataset, max_seq_length=ident.get("max_seq_length"),
+                     mask_mode=ident.get("mask_mode", "all_assistant"), add_bos=bool(ident.get("add_bos")))
+    tok = load_tokenizer(args.tokenizer_name_or_path)
+    if info.get("chat_template"):
+        tok.chat_template = info["chat_template"]
+    if info.get("pad_token") and tok.pad_token != info["pad_token"]:
+        tok.add_special_tokens({"pad_token": info["pad_token"]})
+    return load_preference_data(cfg, tok, progress=False).hashes
 
 
 def _cmd_store(args) -> int:

@@ -94,3 +94,14 @@ def test_two_parts_then_merge_equals_single(tiny_model_dir, data, reference_stor
     assert sorted_rows(tmp_path / "merged") == sorted_rows(reference_store)
     merged = ReferenceStore.open(tmp_path / "merged")
     assert merged.get_list("mix") == ReferenceStore.open(reference_store).get_list("mix")
+
+
+def test_inspect_reports_coverage_and_verifies(tiny_model_dir, data, reference_store, capsys):
+    assert main(["inspect", str(reference_store), "--verify", "--dataset", str(data[1]),
+                 "--tokenizer_name_or_path", str(tiny_model_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["rows"] == 120 and report["lists"]["mix"]["count"] == 120
+    assert report["coverage"] == {"examples": 30, "present": 0, "missing": 30}
+    assert main(["inspect", str(reference_store), "--dataset", str(data[0]),
+                 "--tokenizer_name_or_path", str(tiny_model_dir)]) == 0
+    assert "coverage: 120/120 present, 0 missing" in capsys.readouterr().out
