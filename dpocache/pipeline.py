@@ -49,6 +49,14 @@ def apply_embedded_defaults(model_cfg: ModelConfig, data_cfg: DataConfig, run_cf
         log(f"data: embedded default preference set ({data_cfg.dataset})")
 
 
+def _barrier() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
 def _atomic_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -75,6 +83,7 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
                                          store_dataset=f"{first.list_name}-heldout")
         heldout = run_score(model_cfg, held_data, held_score, vllm_options, progress=progress, log=log)
     skipped = first.scored == 0 and (heldout is None or heldout.scored == 0)
+    _barrier()  # under a multi-process launch, every rank's part must be in the store before training
 
     train_cfg = dataclasses.replace(train_cfg, store=first.store, store_dataset=first.list_name)
     t_train = time.perf_counter()
@@ -99,7 +108,8 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
     }
     if heldout is not None and state.accelerator.is_main_process:
         held = load_examples(state.store, state.store.get_list(heldout.list_name), allow_missing=False)
-        metrics = evaluate(state.logp_model, held, state.tokenizer.pad_token_id, loss_type=train_cfg.loss_type,
+        policy = state.accelerator.unwrap_model(state.logp_model)  # rank 0 alone: no DDP collectives
+        metrics = evaluate(policy, held, state.tokenizer.pad_token_id, loss_type=train_cfg.loss_type,
                            beta=train_cfg.beta, batch_size=run_cfg.eval_batch_size,
                            device=state.accelerator.device)
         summary.update(heldout_examples=len(held), heldout_reward_accuracy=metrics["reward_accuracy"],
