@@ -38,17 +38,21 @@ BAD_ROWS = [
      "the prompts (turns before the last) of chosen and rejected differ"),
     ({"chosen": [A("a"), U], "rejected": [A("a"), U]}, "the last turn of `chosen` is 'user', not the assistant's"),
     ({"chosen": [{"role": "wizard", "content": "x"}, A("a")], "rejected": [{"role": "wizard", "content": "x"}, A("b")]},
-     "`chosen`[0] has unknown role 'wizard'"),
+     "`chosen`[0] has unknown role 'wizard' (expected system, user or assistant)"),
+    ({"chosen": [U, A("a")], "rejected": "just text"},
+     "`rejected` must be a list of {role, content} messages, got str"),
+    ({"chosen": [U, A(""), U, A("a")], "rejected": [U, A(""), U, A("b")]}, "the assistant turn 1 of `chosen` is empty"),
 ]
 
 
 @pytest.mark.parametrize("bad,message", BAD_ROWS)
 def test_each_defect_names_file_line_and_defect(tokenizer, tmp_path, bad, message):
     rows = conversational_rows(3)
-    path = write_jsonl(tmp_path / "d.jsonl", rows[:2] + [bad] + rows[2:])
+    path = tmp_path / "d.jsonl"  # a blank line first: line numbers are physical lines
+    path.write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows[:2] + [bad] + rows[2:]))
     with pytest.raises(DataError) as err:
         load(tokenizer, path)
-    assert str(err.value).startswith(f"{path}, line 3: {message}")
+    assert str(err.value) == f"{path}, line 4: {message}"
 
 
 def test_truncated_last_line_and_not_json(tokenizer, tmp_path):
@@ -65,16 +69,52 @@ def test_truncated_last_line_and_not_json(tokenizer, tmp_path):
     txt.write_text("hello world\n")
     with pytest.raises(DataError, match=r"junk\.jsonl, line 1: not valid JSON"):
         load(tokenizer, txt)
+    js = tmp_path / "junk.json"
+    js.write_bytes(b"\x89PNG\r\n not json")
+    with pytest.raises(DataError, match=r"junk\.json: not a JSON document"):
+        load(tokenizer, js)
+    csv = tmp_path / "rows.csv"
+    csv.write_text("chosen,rejected\n")
+    with pytest.raises(DataError, match=r"rows\.csv: unsupported file type '\.csv'"):
+        load(tokenizer, csv)
+    arr = tmp_path / "arr.jsonl"
+    arr.write_text('[1, 2]\n')
+    with pytest.raises(DataError, match=r"arr\.jsonl, line 1: cannot detect the format from a list"):
+        load(tokenizer, arr)
+    with pytest.raises(DataError, match=r"arr\.jsonl, line 1: a row must be an object"):
+        load(tokenizer, arr, dataset_format="conversational")
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such file or folder"):
+        load(tokenizer, tmp_path / "missing.jsonl")
 
 
-def test_skip_mode_counts_each_defect(tokenizer, tmp_path):
+def test_skip_mode_counts_and_prints_each_defect(tokenizer, tmp_path, capsys):
     rows = conversational_rows(4)
     path = write_jsonl(tmp_path / "d.jsonl", rows + [b for b, _ in BAD_ROWS])
     data = load(tokenizer, path, on_bad_row="skip")
     assert len(data.dataset) == 4
     dropped = data.stats["sources"][0]["dropped"]
-    assert sum(dropped.values()) == len(BAD_ROWS)
-    assert dropped["identical_pair"] == 1 and dropped["unknown_role"] == 1 and dropped["missing_chosen"] == 1
+    assert sum(dropped.values()) == len(BAD_ROWS) == data.stats["totals"]["dropped"]
+    assert dropped == {"missing_chosen": 1, "null_chosen": 1, "wrong_type": 3, "empty_assistant": 2,
+                       "identical_pair": 1, "prompt_mismatch": 1, "last_turn_not_assistant": 1, "unknown_role": 1}
+    err = capsys.readouterr().err
+    assert f"{path}: dropped {len(BAD_ROWS)} of {len(BAD_ROWS) + 4} rows (" in err
+    assert "identical_pair: 1" in err and f"first identical_pair: {path}, line 10: chosen and rejected" in err
+
+
+def test_hh_and_prompt_defects(tokenizer, tmp_path):
+    hh = write_jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"},
+        {"chosen": "Hi there", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}])
+    with pytest.raises(DataError, match=r"hh\.jsonl, line 2: the assistant reply of `chosen` is empty$"):
+        load(tokenizer, hh)
+    data = load(tokenizer, hh, on_bad_row="skip")
+    assert data.stats["sources"][0]["dropped"] == {"empty_assistant": 1, "bad_hh": 1}
+    pr = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"},
+                                            {"prompt": 7, "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"p\.jsonl, line 2: `prompt` must be a string or a list of messages, "
+                                        "got int"):
+        load(tokenizer, pr)
 
 
 def test_offline_hub_name_is_one_clear_line(tokenizer, monkeypatch, capsys):
@@ -83,8 +123,11 @@ def test_offline_hub_name_is_one_clear_line(tokenizer, monkeypatch, capsys):
     with pytest.raises(DataError) as err:
         load(tokenizer, "someorg/some-preference-data")
     text = str(err.value)
-    assert "could not fetch this dataset from the Hugging Face Hub (the machine is offline)" in text
-    assert "pass a local path" in text and "\n" not in text
+    assert text.startswith("someorg/some-preference-data: could not fetch this dataset from the Hugging Face Hub "
+                           "(offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
+    assert "pass the local path" in text and "\n" not in text
+    with pytest.raises(DataError, match="^plainname: could not fetch this dataset"):  # hub names without an org
+        load(tokenizer, "plainname")
 
 
 def test_cli_prints_message_not_traceback(tokenizer_dir, tmp_path, capsys):

@@ -1,19 +1,14 @@
 """Data layer: every source kind and format, templates, masking, mixtures, the example hash."""
 
-import hashlib
 import json
-import struct
-import subprocess
-import sys
 
 import datasets
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import conversational_rows, write_jsonl
-from dpocache.data import CHAT_TEMPLATES, DataConfig, example_hash, load_preference_data, prepare_tokenizer
+from dpocache.data import CHAT_TEMPLATES, DataConfig, DataError, load_preference_data, prepare_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -113,46 +108,62 @@ def test_pad_token_differs_from_eos(tokenizer):
     assert tok.pad_token_id != tok.eos_token_id and not grew
 
 
-def test_mixer_fractions_counts_upsampling_and_determinism(tokenizer, tmp_path):
-    a = write_jsonl(tmp_path / "a.jsonl", conversational_rows(10, seed=1))
-    b = write_jsonl(tmp_path / "b.jsonl", conversational_rows(8, seed=2))
-    data, _ = prepared(tokenizer, mixer_list=[str(a), "0.5", str(b), "3"])
-    assert data.stats["sources"][0]["selected"] == 5 and data.stats["sources"][1]["selected"] == 3
-    assert len(data.hashes) == 8
-    again, _ = prepared(tokenizer, mixer_list=[str(a), "0.5", str(b), "3"])
-    assert again.hashes == data.hashes
-    other, _ = prepared(tokenizer, mixer_list=[str(a), "0.5", str(b), "3"], seed=7)
-    assert other.hashes != data.hashes
-    up, _ = prepared(tokenizer, mixer_list=[str(a), "2.5"])
-    assert len(up.hashes) == 25 and len(up.dataset) == 10  # repeats train, unique examples are scored once
-    capped, _ = prepared(tokenizer, mixer_list=[str(a), "1.0", str(b), "1.0"], max_train_samples=12)
-    assert len(capped.hashes) == 12
+def test_prompt_format_forced_on_full_conversations_does_not_repeat_the_prompt(tokenizer, tmp_path):
+    rows = conversational_rows(3)
+    for r in rows:
+        r["prompt"] = r["chosen"][0]["content"]
+    path = write_jsonl(tmp_path / "uf.jsonl", rows)
+    auto, tok = prepared(tokenizer, dataset=str(path))
+    forced, _ = prepared(tokenizer, dataset=str(path), dataset_format="prompt")
+    assert forced.stats["sources"][0]["format"] == "prompt"
+    assert forced.dataset["hash"] == auto.dataset["hash"]
+    assert tok.decode(forced.dataset[0]["chosen_input_ids"]).count(rows[0]["prompt"]) == 1
 
 
-def test_duplicates_collapse_and_are_counted(tokenizer, tmp_path):
-    rows = conversational_rows(4)
-    path = write_jsonl(tmp_path / "d.jsonl", rows + rows[:2])
-    data, _ = prepared(tokenizer, dataset=str(path))
-    assert len(data.dataset) == 4 and data.stats["totals"]["duplicates"] == 2
+def test_generation_block_templates_use_the_tokenizer_assistant_mask(tokenizer, tmp_path):
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+        "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    path = write_jsonl(tmp_path / "mt.jsonl", [{
+        "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first"},
+                   {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"}],
+        "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first"},
+                     {"role": "user", "content": "b"}, {"role": "assistant", "content": "wrong"}]}])
+    data, tok = prepared(tokenizer, dataset=str(path))
+    ex = data.dataset[0]
+    assert trainable_text(tok, ex["chosen_input_ids"], ex["chosen_mask"]) == "first<|im_end|>second<|im_end|>"
+    data, tok = prepared(tokenizer, dataset=str(path), mask_mode="final_turn")
+    ex = data.dataset[0]
+    assert trainable_text(tok, ex["rejected_input_ids"], ex["rejected_mask"]) == "wrong<|im_end|>"
 
 
-def _golden(c_ids, c_mask, r_ids, r_mask):
-    h = hashlib.sha256(b"dpocache-example-v1\0")
-    for values, fmt in ((c_ids, "<i"), (c_mask, "<b"), (r_ids, "<i"), (r_mask, "<b")):
-        h.update(struct.pack("<Q", len(values)) + b"".join(struct.pack(fmt, v) for v in values))
-    return h.hexdigest()
+def test_template_breaking_the_prefix_property_is_named(tokenizer, tmp_path):
+    # The last assistant turn ends with <|endoftext|>, earlier ones with <|im_end|>\n: no prefix property.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+        "{% if m['role'] == 'assistant' and loop.last %}{{ '<|endoftext|>' }}{% else %}{{ '<|im_end|>\\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    rows = [{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"},
+                        {"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}],
+             "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"},
+                          {"role": "user", "content": "b"}, {"role": "assistant", "content": "z"}]}]
+    path = write_jsonl(tmp_path / "mt.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        prepared(tokenizer, dataset=str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"{path}, line 1: the chat template of tokenizer ")
+    assert "renders assistant turn 1 differently when it is the last message" in msg
+    data, tok = prepared(tokenizer, dataset=str(path), mask_mode="final_turn")  # only the last turn: fine
+    ex = data.dataset[0]
+    assert trainable_text(tok, ex["chosen_input_ids"], ex["chosen_mask"]) == "y<|endoftext|>"
 
 
-def test_example_hash_golden_and_stable_across_processes():
-    args = ([1, 2, 3, 40000], [0, 0, 1, 1], [1, 2, 5], [0, 0, 1])
-    assert example_hash(*args) == _golden(*args)
-    # Golden values: a change of the encoding must bump HASH_VERSION (and invalidate stores knowingly).
-    assert example_hash(*args) == "824a85b22521604ed8975f2764fc86506bc4b6608121c5f6d23b8821e2b1d013"
-    assert example_hash([], [], [7], [0]) == "7344d7810bda0f58ebb0411ef0129651c58aa45a558f13c2799203939bd25fe0"
-    assert example_hash(*args) == example_hash(*[np.array(a) for a in args])
-    assert example_hash(*args) != example_hash([1, 2, 3, 40000], [0, 1, 1, 1], [1, 2, 5], [0, 0, 1])
-    code = "from dpocache.data import example_hash; print(example_hash([1,2,3,40000],[0,0,1,1],[1,2,5],[0,0,1]))"
-    for seed in ("0", "123"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={"PYTHONHASHSEED": seed, "PATH": ""}, check=True).stdout.strip()
-        assert out == example_hash(*args)
+def test_pad_token_is_added_when_no_special_token_is_free(tokenizer):
+    # GPT-2 style: unk = bos = eos; the remaining special tokens are used by the chat template.
+    tokenizer.eos_token = tokenizer.unk_token = tokenizer.pad_token = "<|endoftext|>"
+    before = len(tokenizer)
+    tok, grew = prepare_tokenizer(tokenizer, DataConfig(chat_template_name="chatml"))
+    assert grew and len(tok) == before + 1
+    assert tok.pad_token == "<pad>" and tok.pad_token_id == before

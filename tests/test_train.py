@@ -74,11 +74,13 @@ def test_resume_after_sigkill_reproduces_losses(tiny_model_dir, scored_store, tm
     proc.wait()
     killed_at = len(read_jsonl(out / "metrics.jsonl"))
     assert killed_at < 16
-    assert len(complete_checkpoints(out)) <= 2  # pruning kept the newest two
+    # pruning runs after a new checkpoint is complete: a kill in between may leave one extra
+    assert len(complete_checkpoints(out)) <= 3
 
     assert main(train_args(tiny_model_dir, scored_store, out, *common, "--resume_from_checkpoint", "auto")) == 0
     assert losses(out) == reference  # exact, fp32 on CPU
     assert [r["training_step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, 17))
+    assert len(complete_checkpoints(out)) <= 2  # the resumed run pruned down to the newest two
 
 
 def test_resume_with_other_settings_names_the_field(tiny_model_dir, scored_store, tmp_path, capsys):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dpocache.config import ConfigError, check, opt
+from dpocache.data.mixer import parse_amount
 
 
 @dataclass
@@ -31,16 +32,18 @@ class DataConfig:
                                                "and report a count per defect (skip).", group="data")
     seed: int = opt(42, "Seed of data order, sampling and initialisation.", group="data")
     tokenizer_name_or_path: str | None = opt(None, "Tokenizer (default: the model's).", group="data")
+    dataset_cache_dir: str | None = opt(None, "Cache of tokenized data (and of hub downloads); default: "
+                                        "$DPOCACHE_HOME/tokenized.", group="data")
 
     def __post_init__(self):
         check(not (self.dataset and self.mixer_list), "give --dataset or --mixer_list, not both")
+        check(self.dataset is None or self.dataset.strip() != "", "dataset: empty source name")
         check(len(self.mixer_list) % 2 == 0, "mixer_list: expected SRC AMOUNT pairs, got an odd number of values")
         for amount in self.mixer_list[1::2]:
             try:
-                value = float(amount)
-            except ValueError:
-                raise ConfigError(f"mixer_list: amount {amount!r} is not a number") from None
-            check(value > 0, f"mixer_list: amount {amount!r} must be > 0")
+                parse_amount(amount)
+            except ValueError as exc:
+                raise ConfigError(f"mixer_list: {exc}") from None
         n_src = len(self.mixer_list) // 2
         check(len(self.mixer_list_splits) in (1, max(n_src, 1)),
               f"mixer_list_splits: give one split or one per source ({n_src})")

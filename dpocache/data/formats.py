@@ -3,6 +3,8 @@
 1. ``conversational``: ``chosen`` and ``rejected`` are full conversations (lists of {role, content}).
 2. ``prompt``: ``prompt`` + ``chosen`` + ``rejected``; each a string or a list of messages.
 3. ``hh``: ``chosen``/``rejected`` are strings of "\\n\\nHuman: ...\\n\\nAssistant: ..." turns.
+
+Every defect raises :class:`DataError` with a short ``reason`` key used for the skip counts.
 """
 
 from __future__ import annotations
@@ -13,31 +15,37 @@ from dpocache.data.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("conversational", "prompt", "hh")
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
 
 
 def detect_format(row: object) -> str | None:
-    """Guess a row's format from its columns (None when no format fits)."""
+    """Guess a row's format from its columns (None when no format fits).
+
+    A ``prompt`` column next to full conversations (ultrafeedback_binarized) is the conversational
+    format: the chosen conversation already holds the prompt turn.
+    """
     if not isinstance(row, dict):
         return None
     chosen, rejected = row.get("chosen"), row.get("rejected")
     if isinstance(chosen, list) and isinstance(rejected, list):
-        first = chosen[0] if chosen else None
-        # TRL conversational prompt format: prompt messages + a chosen/rejected assistant reply.
-        if "prompt" in row and isinstance(first, dict) and first.get("role") == "assistant":
-            return "prompt"
-        return "conversational"  # full conversations (e.g. ultrafeedback: its prompt column is ignored)
-    if "prompt" in row:
+        if row.get("prompt") is not None and not _has_non_assistant_turn(chosen):
+            return "prompt"  # TRL conversational: prompt messages + assistant-only completions
+        return "conversational"
+    if row.get("prompt") is not None:
         return "prompt"
     if isinstance(chosen, str) and "\n\nHuman:" in chosen and "\n\nAssistant:" in chosen:
         return "hh"
     return None
 
 
-def _messages(value: object, src: str, row: str, field: str) -> list[dict]:
+def _has_non_assistant_turn(messages: list) -> bool:
+    return any(isinstance(m, dict) and m.get("role") != "assistant" for m in messages)
+
+
+def _messages(value: object, src: str, row: str, field: str, *, allow_string: bool = False) -> list[dict]:
     if not isinstance(value, list):
-        raise DataError(src, row, f"`{field}` must be a list of messages, got {type(value).__name__}",
-                        reason="wrong_type")
+        expected = "a string or a list of messages" if allow_string else "a list of {role, content} messages"
+        raise DataError(src, row, f"`{field}` must be {expected}, got {type(value).__name__}", reason="wrong_type")
     out = []
     for k, msg in enumerate(value):
         if not isinstance(msg, dict):
@@ -56,7 +64,8 @@ def _messages(value: object, src: str, row: str, field: str) -> list[dict]:
 
 def _hh(text: object, src: str, row: str, field: str) -> list[dict]:
     if not isinstance(text, str):
-        raise DataError(src, row, f"`{field}` must be a string in the HH-RLHF format", reason="wrong_type")
+        raise DataError(src, row, f"`{field}` must be a string of HH-RLHF turns, got {type(text).__name__}",
+                        reason="wrong_type")
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         raise DataError(src, row, f"`{field}` is not a sequence of '\\n\\nHuman: ' / '\\n\\nAssistant: ' turns",
@@ -65,16 +74,24 @@ def _hh(text: object, src: str, row: str, field: str) -> list[dict]:
             for who, content in zip(parts[1::2], parts[2::2])]
 
 
-def _as_turns(value: object, role: str, src: str, row: str, field: str) -> list[dict]:
+def _completion(value: object, prompt: list[dict], src: str, row: str, field: str) -> list[dict]:
+    """The full conversation of a prompt-format side: prompt + completion.
+
+    A completion that is itself a full conversation starting with the prompt is taken as it is.
+    """
     if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    return _messages(value, src, row, field)
+        return prompt + [{"role": "assistant", "content": value}]
+    turns = _messages(value, src, row, field, allow_string=True)
+    if _has_non_assistant_turn(turns) and turns[: len(prompt)] == prompt:
+        return turns
+    return prompt + turns
 
 
 def normalize(raw: object, fmt: str, src: str, row: str) -> tuple[list[dict], list[dict]]:
     """Validate one raw row of format ``fmt`` and return (chosen, rejected) conversations."""
     if not isinstance(raw, dict):
-        raise DataError(src, row, f"a row must be a JSON object, got {type(raw).__name__}", reason="wrong_type")
+        raise DataError(src, row, f"a row must be an object with chosen/rejected fields, got {type(raw).__name__}",
+                        reason="wrong_type")
     for field in ("chosen", "rejected") + (("prompt",) if fmt == "prompt" else ()):
         if raw.get(field) is None:
             state = "null" if field in raw else "missing"
@@ -83,27 +100,33 @@ def normalize(raw: object, fmt: str, src: str, row: str) -> tuple[list[dict], li
         chosen = _messages(raw["chosen"], src, row, "chosen")
         rejected = _messages(raw["rejected"], src, row, "rejected")
     elif fmt == "prompt":
-        prompt = _as_turns(raw["prompt"], "user", src, row, "prompt")
-        chosen = prompt + _as_turns(raw["chosen"], "assistant", src, row, "chosen")
-        rejected = prompt + _as_turns(raw["rejected"], "assistant", src, row, "rejected")
+        p = raw["prompt"]
+        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else \
+            _messages(p, src, row, "prompt", allow_string=True)
+        chosen = _completion(raw["chosen"], prompt, src, row, "chosen")
+        rejected = _completion(raw["rejected"], prompt, src, row, "rejected")
     elif fmt == "hh":
         chosen = _hh(raw["chosen"], src, row, "chosen")
         rejected = _hh(raw["rejected"], src, row, "rejected")
     else:
-        raise DataError(src, row, f"unknown dataset format {fmt!r}", reason="bad_format")
-    _check_pair(chosen, rejected, src, row)
+        raise DataError(src, row, f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})",
+                        reason="bad_format")
+    check_pair(chosen, rejected, src, row)
     return chosen, rejected
 
 
-def _check_pair(chosen: list[dict], rejected: list[dict], src: str, row: str) -> None:
+def check_pair(chosen: list[dict], rejected: list[dict], src: str, row: str) -> None:
+    """Pair-level rules: both end with a non-empty assistant reply, same prompt, different replies."""
     for name, conv in (("chosen", chosen), ("rejected", rejected)):
         if not conv:
             raise DataError(src, row, f"`{name}` is an empty conversation", reason="empty_conversation")
         if conv[-1]["role"] != "assistant":
             raise DataError(src, row, f"the last turn of `{name}` is {conv[-1]['role']!r}, not the assistant's",
                             reason="last_turn_not_assistant")
-        if not conv[-1]["content"].strip():
-            raise DataError(src, row, f"the assistant reply of `{name}` is empty", reason="empty_assistant")
+        for k, msg in enumerate(conv):
+            if msg["role"] == "assistant" and not msg["content"].strip():
+                which = "reply" if k == len(conv) - 1 else f"turn {k}"
+                raise DataError(src, row, f"the assistant {which} of `{name}` is empty", reason="empty_assistant")
     if chosen[:-1] != rejected[:-1]:
         raise DataError(src, row, "the prompts (turns before the last) of chosen and rejected differ",
                         reason="prompt_mismatch")

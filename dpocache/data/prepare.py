@@ -1,163 +1,227 @@
-"""From a mixture specification to tokenized, hashed, deduplicated examples (``load_preference_data``)."""
+"""From a mixture specification to tokenized, hashed, deduplicated examples (``load_preference_data``).
+
+Per source: read and validate rows (bad rows stop or are skipped and counted), tokenize them with a
+cached, batched ``datasets.map``, drop pairs left without trainable tokens, collapse duplicates to
+their first occurrence, then select the source's amount. Sources are concatenated in mixture order.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from dpocache.data.config import DataConfig
 from dpocache.data.errors import DataError
 from dpocache.data.formats import FORMATS, detect_format, normalize
+from dpocache.data.mixer import mixture_name as _mixture_name
+from dpocache.data.mixer import select_indices
 from dpocache.data.sources import read_source
+from dpocache.data.templates import template_label
 from dpocache.data.tokenize import HASH_VERSION, example_hash, tokenize_side
+
+EXAMPLE_COLUMNS = ["hash", "chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask"]
+TRUNCATION_DROP = "no_trainable_tokens_after_truncation"
 
 
 @dataclass
 class PreparedData:
-    dataset: object            # datasets.Dataset of unique examples (first-occurrence order)
-    hashes: list[str]          # the mixture's ordered example list (upsampled repeats included)
+    """Tokenized examples of a mixture.
+
+    ``dataset`` holds each unique example once, in mixture order (columns ``EXAMPLE_COLUMNS``);
+    ``hashes`` is the training list in mixture order, with the repeats of upsampled sources.
+    """
+
+    dataset: Any
     stats: dict = field(default_factory=dict)
     name: str = "dataset"
+    hashes: list[str] = field(default_factory=list)
 
 
-def _canonical(source: str, split: str, cfg: DataConfig, stats: dict) -> list[tuple[str, str, str]]:
-    """Validated rows of one source as (row label, chosen JSON, rejected JSON)."""
-    out, dropped = [], Counter()
+def mixture_name(cfg: DataConfig) -> str:
+    """Default named-list name of the mixture of ``cfg``."""
+    return _mixture_name(cfg.mixture(), cfg.mixer_list_splits, cfg.max_train_samples, cfg.seed)
+
+
+def validated_rows(source: str, split: str, cfg: DataConfig, stats: dict) -> list[tuple[str, str, str]]:
+    """Validated rows of one source as (row label, chosen JSON, rejected JSON); fills ``stats``."""
+    out: list[tuple[str, str, str]] = []
+    dropped: Counter = Counter()
+    first_seen: dict[str, str] = {}
     fmt = None if cfg.dataset_format == "auto" else cfg.dataset_format
     read = 0
-    for label, raw in read_source(source, split):
+    for label, raw in read_source(source, split, cfg.dataset_cache_dir):
         read += 1
         try:
             if fmt is None:
-                fmt = detect_format(raw)
-                if fmt is None:
-                    keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-                    raise DataError(source, label, f"cannot detect the format from columns {keys}: expected "
-                                    "chosen/rejected conversations, prompt/chosen/rejected, or HH-RLHF strings "
-                                    "(see --dataset_format)", reason="unknown_format")
+                fmt = _detect(raw, source, label)
             chosen, rejected = normalize(raw, fmt, source, label)
         except DataError as exc:
             if cfg.on_bad_row == "error":
                 raise
             dropped[exc.reason] += 1
+            first_seen.setdefault(exc.reason, str(exc))
             continue
         out.append((label, json.dumps(chosen, ensure_ascii=False), json.dumps(rejected, ensure_ascii=False)))
-    stats.update(source=source, split=split, format=fmt or "unknown", rows_read=read, dropped=dict(dropped))
+    stats.update(source=source, split=split, format=fmt or "unknown", rows_read=read, dropped=dict(dropped),
+                 first_dropped=first_seen)
     if read == 0:
-        raise DataError(source, None, "no rows", reason="empty")
+        raise DataError(source, None, f"no rows in split {split!r}", reason="empty")
     return out
 
 
-def _tokenize(rows, tokenizer, cfg: DataConfig, source: str, progress: bool):
-    """Tokenize with ``datasets.map``: batched, and cached on disk under a content fingerprint."""
-    import datasets
+def _detect(raw: object, source: str, label: str) -> str:
+    fmt = detect_format(raw)
+    if fmt is None:
+        what = f"columns {sorted(raw)}" if isinstance(raw, dict) else f"a {type(raw).__name__}"
+        raise DataError(source, label, f"cannot detect the format from {what}: expected chosen/rejected "
+                        "conversations, prompt/chosen/rejected, or HH-RLHF strings (see --dataset_format)",
+                        reason="unknown_format")
+    return fmt
 
-    from dpocache.artifacts.identity import dpocache_home, tokenizer_fingerprint
+
+def _cache_dir(cfg: DataConfig) -> Path:
+    from dpocache.artifacts.identity import dpocache_home
+
+    path = Path(cfg.dataset_cache_dir).expanduser() if cfg.dataset_cache_dir else dpocache_home() / "tokenized"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _fingerprint(rows, tokenizer, cfg: DataConfig) -> str:
+    """Content fingerprint of a tokenization: rows, tokenizer, template and every setting that matters."""
+    from dpocache.artifacts.identity import tokenizer_fingerprint
 
     digest = hashlib.sha256()
     for _, c, r in rows:
         digest.update(c.encode() + b"\0" + r.encode() + b"\0")
-    fp = hashlib.sha256(json.dumps([HASH_VERSION, tokenizer_fingerprint(tokenizer), tokenizer.chat_template,
-                                    cfg.mask_mode, cfg.add_bos, cfg.max_seq_length, digest.hexdigest()])
-                        .encode()).hexdigest()[:32]
-    cache = dpocache_home() / "tokenized"
-    cache.mkdir(parents=True, exist_ok=True)
+    spec = [HASH_VERSION, tokenizer_fingerprint(tokenizer), tokenizer.chat_template, cfg.mask_mode, cfg.add_bos,
+            cfg.max_seq_length, digest.hexdigest(), 2]
+    return hashlib.sha256(json.dumps(spec, default=str).encode()).hexdigest()[:32]
+
+
+def _features():
+    import datasets
+
+    ids, mask = datasets.List(datasets.Value("int32")), datasets.List(datasets.Value("int8"))
+    return datasets.Features({
+        "row": datasets.Value("string"), "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
+        "hash": datasets.Value("string"), "chosen_input_ids": ids, "chosen_mask": mask,
+        "rejected_input_ids": ids, "rejected_mask": mask, "truncated": datasets.Value("bool"),
+        "drop": datasets.Value("string"), "prompt_tokens": datasets.Value("int32"),
+        "chosen_tokens": datasets.Value("int32"), "rejected_tokens": datasets.Value("int32"),
+    })
+
+
+def _tokenize_batch(batch: dict, tokenizer, cfg: DataConfig, label: str, source: str) -> dict:
+    keys = ["hash", "chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask", "truncated", "drop",
+            "prompt_tokens", "chosen_tokens", "rejected_tokens"]
+    out: dict[str, list] = {k: [] for k in keys}
+    for row, c_json, r_json in zip(batch["row"], batch["chosen"], batch["rejected"]):
+        sides = []
+        for conv in (c_json, r_json):
+            try:
+                sides.append(tokenize_side(tokenizer, json.loads(conv), cfg.mask_mode, cfg.add_bos,
+                                           cfg.max_seq_length, label))
+            except DataError as exc:  # a template defect: name the first row that shows it
+                raise DataError(source, row, exc.defect, reason=exc.reason) from None
+        c, r = sides
+        out["hash"].append(example_hash(c.ids, c.mask, r.ids, r.mask))
+        out["chosen_input_ids"].append(c.ids)
+        out["chosen_mask"].append(c.mask)
+        out["rejected_input_ids"].append(r.ids)
+        out["rejected_mask"].append(r.mask)
+        out["truncated"].append(c.truncated or r.truncated)
+        out["drop"].append("" if any(c.mask) and any(r.mask) else TRUNCATION_DROP)
+        out["prompt_tokens"].append(c.prompt_tokens)
+        out["chosen_tokens"].append(c.length)
+        out["rejected_tokens"].append(r.length)
+    return out
+
+
+def tokenize_rows(rows, tokenizer, cfg: DataConfig, source: str, progress: bool):
+    """Tokenize validated rows with ``datasets.map`` (batched), cached on disk under a content fingerprint."""
+    import datasets
+
+    fp = _fingerprint(rows, tokenizer, cfg)
     ds = datasets.Dataset.from_dict({"row": [r[0] for r in rows], "chosen": [r[1] for r in rows],
                                      "rejected": [r[2] for r in rows]})
-
-    def fn(batch):
-        out = {k: [] for k in ("hash", "chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask",
-                               "truncated", "drop")}
-        for c_json, r_json in zip(batch["chosen"], batch["rejected"]):
-            c_ids, c_mask, c_tr = tokenize_side(tokenizer, json.loads(c_json), cfg.mask_mode, cfg.add_bos,
-                                                cfg.max_seq_length)
-            r_ids, r_mask, r_tr = tokenize_side(tokenizer, json.loads(r_json), cfg.mask_mode, cfg.add_bos,
-                                                cfg.max_seq_length)
-            out["hash"].append(example_hash(c_ids, c_mask, r_ids, r_mask))
-            out["chosen_input_ids"].append(c_ids)
-            out["chosen_mask"].append(c_mask)
-            out["rejected_input_ids"].append(r_ids)
-            out["rejected_mask"].append(r_mask)
-            out["truncated"].append(c_tr or r_tr)
-            out["drop"].append("" if sum(c_mask) and sum(r_mask) else "no_trainable_tokens_after_truncation")
-        return out
-
-    features = datasets.Features({
-        "row": datasets.Value("string"), "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
-        "hash": datasets.Value("string"), "truncated": datasets.Value("bool"), "drop": datasets.Value("string"),
-        "chosen_input_ids": datasets.List(datasets.Value("int32")),
-        "chosen_mask": datasets.List(datasets.Value("int8")),
-        "rejected_input_ids": datasets.List(datasets.Value("int32")),
-        "rejected_mask": datasets.List(datasets.Value("int8")),
-    })
+    label = template_label(tokenizer, cfg)
+    was_enabled = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()
     try:
-        return ds.map(fn, batched=True, batch_size=256, features=features, new_fingerprint=fp,
-                      cache_file_name=str(cache / f"{fp}.arrow"), load_from_cache_file=True,
+        return ds.map(_tokenize_batch, fn_kwargs=dict(tokenizer=tokenizer, cfg=cfg, label=label, source=source),
+                      batched=True, batch_size=256, features=_features(), new_fingerprint=fp,
+                      cache_file_name=str(_cache_dir(cfg) / f"{fp}.arrow"), load_from_cache_file=True,
                       desc=f"tokenizing {Path(source).name}")
     finally:
-        if not progress:
+        if was_enabled and not progress:
             datasets.enable_progress_bars()
 
 
-def _select(n: int, amount: str, rng: np.random.Generator) -> np.ndarray:
-    """Indices of a source's examples for an amount: fraction ("0.5", "2.0") or count ("500")."""
-    target = int(round(float(amount) * n)) if "." in amount or "e" in amount.lower() else int(amount)
-    full, rest = divmod(target, n) if n else (0, 0)
-    parts = [np.arange(n)] * full
-    if rest:
-        parts.append(np.sort(rng.choice(n, size=rest, replace=False)))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+def _report_drops(st: dict) -> None:
+    """Skipped and dropped rows are never silent: one line per source on stderr."""
+    dropped = st.get("dropped", {})
+    if dropped:
+        detail = "; ".join(f"{reason}: {n}" for reason, n in sorted(dropped.items()))
+        print(f"{st['source']}: dropped {sum(dropped.values())} of {st['rows_read']} rows ({detail})",
+              file=sys.stderr)
+        for reason, message in sorted(st.get("first_dropped", {}).items()):
+            print(f"  first {reason}: {message}", file=sys.stderr)
 
 
-def mixture_name(cfg: DataConfig) -> str:
-    mix = cfg.mixture()
-    first = Path(mix[0]).name if mix else "dataset"
-    stem = re.sub(r"[^A-Za-z0-9._=-]+", "_", first.rsplit(".", 1)[0] if "." in first else first).strip("_.")
-    spec = json.dumps([mix, cfg.mixer_list_splits, cfg.max_train_samples, cfg.seed])
-    return f"{stem[:60] or 'dataset'}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+def _process_source(i: int, source: str, amount: str, split: str, cfg: DataConfig, tokenizer, seen: set[str],
+                    progress: bool):
+    """(tokenized unique examples of one source, selected positions into them, stats)."""
+    st: dict = {"amount": amount}
+    rows = validated_rows(source, split, cfg, st)
+    st["dropped"].setdefault(TRUNCATION_DROP, 0)
+    keep: list[int] = []
+    dup = truncated = 0
+    ds = tokenize_rows(rows, tokenizer, cfg, source, progress) if rows else None
+    if ds is not None:
+        for k, (h, drop, tr) in enumerate(zip(ds["hash"], ds["drop"], ds["truncated"])):
+            if drop:
+                st["dropped"][drop] += 1
+                continue
+            if h in seen:
+                dup += 1
+                continue
+            seen.add(h)
+            truncated += bool(tr)
+            keep.append(k)
+    if not st["dropped"][TRUNCATION_DROP]:
+        del st["dropped"][TRUNCATION_DROP]
+    pick = select_indices(len(keep), amount, np.random.default_rng([cfg.seed, i]))
+    st.update(kept=len(keep), duplicates=dup, truncated=truncated, selected=int(len(pick)))
+    _report_drops(st)
+    return (ds.select(keep) if keep else None), pick, st
 
 
-def load_preference_data(cfg: DataConfig, tokenizer, *, progress: bool = True) -> PreparedData:
+def prepare_examples(cfg: DataConfig, tokenizer, *, progress: bool = True):
+    """(unique examples with every internal column, ordered training list of hashes, stats)."""
     import datasets
 
     if not cfg.mixture():
         raise DataError("--dataset/--mixer_list", None, "no data given", reason="config")
     if cfg.dataset_format not in ("auto",) + FORMATS:
         raise DataError("--dataset_format", None, f"unknown format {cfg.dataset_format!r}", reason="config")
-    seen: dict[str, int] = {}
-    parts, order, source_stats = [], [], []
+    seen: set[str] = set()
+    parts, order, per_source = [], [], []
     for i, (source, amount, split) in enumerate(cfg.sources()):
-        st: dict = {}
-        rows = _canonical(source, split, cfg, st)
-        ds = _tokenize(rows, tokenizer, cfg, source, progress) if rows else None
-        keep, dup, truncated = [], 0, 0
+        ds, pick, st = _process_source(i, source, amount, split, cfg, tokenizer, seen, progress)
+        per_source.append(st)
         if ds is not None:
-            for k, (h, drop, tr) in enumerate(zip(ds["hash"], ds["drop"], ds["truncated"])):
-                if drop:
-                    st["dropped"][drop] = st["dropped"].get(drop, 0) + 1
-                    continue
-                truncated += bool(tr)
-                if h in seen:
-                    dup += 1
-                    continue
-                seen[h] = len(seen)
-                keep.append(k)
-        st.update(kept=len(keep), duplicates=dup, truncated=truncated)
-        pick = _select(len(keep), amount, np.random.default_rng([cfg.seed, i]))
-        st["selected"] = int(len(pick))
-        source_stats.append(st)
-        if keep:
-            sub = ds.select(keep).remove_columns(["row", "chosen", "rejected", "truncated", "drop"])
-            parts.append(sub)
-            order += [sub_hash for sub_hash in (sub["hash"][j] for j in pick)]
+            parts.append(ds)
+            hashes = ds["hash"]
+            order += [hashes[j] for j in pick]
     if cfg.max_train_samples is not None:
         order = order[: cfg.max_train_samples]
     if not order:
@@ -167,12 +231,21 @@ def load_preference_data(cfg: DataConfig, tokenizer, *, progress: bool = True) -
     position = {h: k for k, h in enumerate(everything["hash"])}
     unique = list(dict.fromkeys(order))
     dataset = everything.select([position[h] for h in unique])
-    totals = {
-        "rows_read": sum(s["rows_read"] for s in source_stats),
-        "kept": sum(s["kept"] for s in source_stats),
-        "dropped": sum(sum(s["dropped"].values()) for s in source_stats),
-        "duplicates": sum(s["duplicates"] for s in source_stats),
-        "truncated": sum(s["truncated"] for s in source_stats),
-        "examples": len(order), "unique_examples": len(unique),
-    }
-    return PreparedData(dataset, order, {"sources": source_stats, "totals": totals}, mixture_name(cfg))
+    totals = {key: sum(s[key] for s in per_source) for key in ("rows_read", "kept", "duplicates", "truncated")}
+    dropped: Counter = Counter()
+    for s in per_source:
+        dropped.update(s["dropped"])
+    totals.update(dropped=sum(dropped.values()), dropped_by_reason=dict(dropped), examples=len(order),
+                  unique_examples=len(unique))
+    return dataset, order, {"sources": per_source, "totals": totals}
+
+
+def load_preference_data(cfg: DataConfig, tokenizer, *, progress: bool = True) -> PreparedData:
+    """Read, validate, tokenize, hash, deduplicate and mix the sources of ``cfg``.
+
+    ``tokenizer`` must have been through :func:`prepare_tokenizer`. Raises :class:`DataError` on bad
+    input (``on_bad_row="error"``) or when no usable example is left.
+    """
+    dataset, order, stats = prepare_examples(cfg, tokenizer, progress=progress)
+    dataset = dataset.select_columns(EXAMPLE_COLUMNS)
+    return PreparedData(dataset=dataset, stats=stats, name=mixture_name(cfg), hashes=order)

@@ -1,0 +1,122 @@
+"""Data layer: mixtures (fractions, counts, upsampling, determinism), duplicates, the example hash,
+and the tokenization cache."""
+
+import hashlib
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import conversational_rows, write_jsonl
+from dpocache.config import ConfigError
+from dpocache.data import DataConfig, example_hash, load_preference_data, prepare_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPOCACHE_HOME", str(tmp_path / "home"))
+
+
+def prepared(tokenizer, **kw):
+    cfg = DataConfig(**kw)
+    tok, _ = prepare_tokenizer(tokenizer, cfg)
+    return load_preference_data(cfg, tok, progress=False)
+
+
+def test_mixer_fractions_counts_upsampling_and_determinism(tokenizer, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", conversational_rows(10, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", conversational_rows(8, seed=2))
+    data = prepared(tokenizer, mixer_list=[str(a), "0.5", str(b), "3"])
+    assert [s["selected"] for s in data.stats["sources"]] == [5, 3]
+    a_hashes = set(prepared(tokenizer, dataset=str(a)).dataset["hash"])
+    assert sum(h in a_hashes for h in data.hashes[:5]) == 5 and not set(data.hashes[5:]) & a_hashes  # mixture order
+    assert prepared(tokenizer, mixer_list=[str(a), "0.5", str(b), "3"]).hashes == data.hashes
+    assert prepared(tokenizer, mixer_list=[str(a), "0.5", str(b), "3"], seed=7).hashes != data.hashes
+    # fractions are floored as in open-instruct: 0.25 of 10 rows is 2
+    assert prepared(tokenizer, mixer_list=[str(a), "0.25"]).stats["sources"][0]["selected"] == 2
+    up = prepared(tokenizer, mixer_list=[str(a), "2.5"])
+    counts = np.unique(np.unique(up.hashes, return_counts=True)[1], return_counts=True)
+    assert len(up.hashes) == 25 and len(up.dataset) == 10  # repeats train, unique examples are scored once
+    assert dict(zip(*counts)) == {2: 5, 3: 5}
+    assert len(prepared(tokenizer, mixer_list=[str(b), "13"]).hashes) == 13  # a count above the size upsamples
+    capped = prepared(tokenizer, mixer_list=[str(a), "1.0", str(b), "1.0"], max_train_samples=12)
+    assert len(capped.hashes) == 12 and capped.hashes[:10] == prepared(tokenizer, dataset=str(a)).hashes
+    assert capped.name == prepared(tokenizer, mixer_list=[str(a), "1.0", str(b), "1.0"],
+                                   max_train_samples=12).name
+    assert capped.name.startswith("a+1-") and "/" not in capped.name
+
+
+def test_dataset_is_shorthand_and_splits_pick_files(tokenizer, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", conversational_rows(4, seed=1))
+    write_jsonl(folder / "test.jsonl", conversational_rows(3, seed=2))
+    assert len(prepared(tokenizer, dataset=str(folder)).dataset) == 4
+    both = prepared(tokenizer, mixer_list=[str(folder), "1.0", str(folder), "1.0"], mixer_list_splits=["train", "test"])
+    assert [s["kept"] for s in both.stats["sources"]] == [4, 3]
+    assert prepared(tokenizer, dataset=str(folder)).hashes == \
+        prepared(tokenizer, mixer_list=[str(folder), "1.0"]).hashes
+
+
+@pytest.mark.parametrize("amount,message", [("1e3", "neither a fraction"), ("-1", "neither a fraction"),
+                                            ("0", "must be > 0"), ("0.0", "must be > 0"), ("abc", "neither")])
+def test_bad_amounts_are_config_errors(amount, message):
+    with pytest.raises(ConfigError, match=message):
+        DataConfig(mixer_list=["x.jsonl", amount])
+
+
+def test_duplicates_collapse_to_first_occurrence_and_are_counted(tokenizer, tmp_path):
+    rows = conversational_rows(4)
+    path = write_jsonl(tmp_path / "d.jsonl", rows + rows[:2])
+    data = prepared(tokenizer, dataset=str(path))
+    assert len(data.dataset) == 4 and data.stats["totals"]["duplicates"] == 2
+    other = write_jsonl(tmp_path / "o.jsonl", rows[1:2] + conversational_rows(2, seed=9))
+    mixed = prepared(tokenizer, mixer_list=[str(path), "1.0", str(other), "1.0"])
+    assert [s["duplicates"] for s in mixed.stats["sources"]] == [2, 1] and len(mixed.dataset) == 6
+
+
+def test_rerun_reuses_the_tokenization_cache(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", conversational_rows(6))
+    cache = tmp_path / "cache"
+    first = prepared(tokenizer, dataset=str(path), dataset_cache_dir=str(cache))
+    files = {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")}
+    assert len(files) == 1
+    again = prepared(tokenizer, dataset=str(path), dataset_cache_dir=str(cache))
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")} == files  # not re-tokenized
+    assert again.dataset["hash"] == first.dataset["hash"]
+    prepared(tokenizer, dataset=str(path), dataset_cache_dir=str(cache), max_seq_length=64)
+    assert len(list(cache.glob("*.arrow"))) == 2  # a setting that changes the tokens changes the fingerprint
+
+
+def _golden(c_ids, c_mask, r_ids, r_mask):
+    """The documented encoding, written independently of the implementation."""
+    h = hashlib.sha256(b"dpocache-example-v1\0")
+    for values, fmt in ((c_ids, "<i"), (c_mask, "<b"), (r_ids, "<i"), (r_mask, "<b")):
+        h.update(struct.pack("<Q", len(values)) + b"".join(struct.pack(fmt, v) for v in values))
+    return h.hexdigest()
+
+
+def test_example_hash_golden_and_stable_across_processes(tokenizer, tmp_path):
+    args = ([1, 2, 3, 40000], [0, 0, 1, 1], [1, 2, 5], [0, 0, 1])
+    assert example_hash(*args) == _golden(*args)
+    # Golden values: a change of the encoding must bump HASH_VERSION (and invalidate stores knowingly).
+    assert example_hash(*args) == "824a85b22521604ed8975f2764fc86506bc4b6608121c5f6d23b8821e2b1d013"
+    assert example_hash([], [], [7], [0]) == "7344d7810bda0f58ebb0411ef0129651c58aa45a558f13c2799203939bd25fe0"
+    assert example_hash(*args) == example_hash(*[np.array(a, dtype=np.int64) for a in args])
+    assert example_hash(*args) != example_hash([1, 2, 3, 40000], [0, 1, 1, 1], [1, 2, 5], [0, 0, 1])
+    assert example_hash(*args) != example_hash(*args[2:], *args[:2])  # chosen and rejected are not symmetric
+    code = "from dpocache.data import example_hash; print(example_hash([1,2,3,40000],[0,0,1,1],[1,2,5],[0,0,1]))"
+    for seed in ("0", "123"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={"PYTHONHASHSEED": seed, "PATH": "", "HF_HUB_OFFLINE": "1"}, check=True).stdout
+        assert out.strip() == example_hash(*args)
+    # dataset hashes are the hash of the stored ids and masks, whatever the row order
+    rows = conversational_rows(5)
+    fwd = prepared(tokenizer, dataset=str(write_jsonl(tmp_path / "f.jsonl", rows)))
+    rev = prepared(tokenizer, dataset=str(write_jsonl(tmp_path / "r.jsonl", rows[::-1])))
+    assert fwd.dataset["hash"] == rev.dataset["hash"][::-1]
+    ex = fwd.dataset[0]
+    assert ex["hash"] == _golden(ex["chosen_input_ids"], ex["chosen_mask"], ex["rejected_input_ids"],
+                                 ex["rejected_mask"])
