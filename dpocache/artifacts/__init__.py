@@ -2,7 +2,8 @@
 
 from dpocache.artifacts.inspect import format_inspect, inspect_store
 from dpocache.artifacts.manifest import STORE_FORMAT_VERSION, IdentityMismatchError, StoreError
-from dpocache.artifacts.store import ReferenceStore, ShardWriter, merge_stores
+from dpocache.artifacts.merge import merge_stores
+from dpocache.artifacts.store import ReferenceStore, ShardWriter
 
 __all__ = ["STORE_FORMAT_VERSION", "IdentityMismatchError", "ReferenceStore", "ShardWriter", "StoreError",
            "format_inspect", "inspect_store", "merge_stores"]

@@ -6,6 +6,8 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import uuid
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -18,10 +20,12 @@ def dpocache_home() -> Path:
 
 
 def text_fingerprint(text: str) -> str:
+    """sha256 hex of a text (UTF-8), e.g. a chat template."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, read in 16 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(_CHUNK):
@@ -29,13 +33,26 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# Files with weight-like suffixes that hold training state, not weights (HF Trainer checkpoints).
+_NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$")
+
+
 def _weight_files(path: Path) -> list[Path]:
+    """Weight files of a model: the file itself, else *.safetensors, else *.bin/*.pt/*.pth/*.gguf
+    (hidden directories such as ``.cache`` and training-state files skipped), sorted by relative path."""
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix == ".safetensors")
-    if not files:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    return files
+
+    def candidates(suffixes: tuple[str, ...]) -> list[Path]:
+        found = []
+        for p in path.rglob("*"):
+            rel = p.relative_to(path)
+            if (p.suffix in suffixes and p.is_file() and not any(part.startswith(".") for part in rel.parts)
+                    and not _NOT_WEIGHTS.match(p.name)):
+                found.append(p)
+        return sorted(found, key=lambda p: p.relative_to(path).as_posix())
+
+    return candidates((".safetensors",)) or candidates(WEIGHT_SUFFIXES)
 
 
 def _cache_path() -> Path:
@@ -45,32 +62,44 @@ def _cache_path() -> Path:
 def _load_cache() -> dict:
     try:
         data = json.loads(_cache_path().read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnicodeDecodeError):
         return {}  # missing or corrupt: rebuilt as files are hashed
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and len(v) == 64}
 
 
 def _save_cache(entries: dict) -> None:
+    """Merge ``entries`` into the cache file (atomic replace; stale entries of the same files dropped)."""
     path = _cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(".hash-cache.lock"), "w") as lock:
+    with open(path.with_name(".hash-cache.lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = {**_load_cache(), **entries}
-        tmp = path.with_name(f".hash-cache.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
+        updated = {key.rsplit("|", 2)[0] for key in entries}
+        merged = {k: v for k, v in _load_cache().items() if k.rsplit("|", 2)[0] not in updated}
+        merged.update(entries)
+        tmp = path.with_name(f".hash-cache.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(merged, indent=1, sort_keys=True))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
 
 
 def weights_fingerprint(path: str | Path) -> str:
-    """sha256 over the relative names and bytes of the model's weight files.
+    """sha256 over the relative names and contents of the model's weight files.
 
-    Per-file digests are cached in ``$DPOCACHE_HOME/hash-cache.json`` keyed by absolute path, size and
-    mtime, so a large model is read once; a changed file is hashed again.
+    Definition: ``sha256("dpocache-weights-v1\0" + for each file sorted by relative POSIX path:
+    relpath + "\0" + sha256_hex(file bytes) + "\0")``; a single file's relpath is its name. Per-file
+    digests are cached in ``$DPOCACHE_HOME/hash-cache.json`` keyed by absolute path, size and mtime_ns, so
+    a large model is read once; a changed file is hashed again.
     """
     root = Path(path).expanduser().resolve()
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such model file or directory")
     files = _weight_files(root)
     if not files:
-        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin, *.pt, *.gguf) under {root}")
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin, *.pt, *.pth, *.gguf) under {root}")
     cache, fresh = _load_cache(), {}
     outer = hashlib.sha256(b"dpocache-weights-v1\0")
     for f in files:
@@ -79,22 +108,32 @@ def weights_fingerprint(path: str | Path) -> str:
         digest = cache.get(key) or fresh.get(key)
         if digest is None:
             digest = fresh[key] = file_sha256(f)
-        rel = f.name if root.is_file() else str(f.relative_to(root))
+        rel = f.name if root.is_file() else f.relative_to(root).as_posix()
         outer.update(rel.encode() + b"\0" + digest.encode() + b"\0")
     if fresh:
-        _save_cache(fresh)
+        try:
+            _save_cache(fresh)
+        except OSError:
+            pass  # a read-only home only costs re-hashing next time
     return outer.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Content hash of a tokenizer: vocabulary, merges/normaliser (fast tokenizers), special tokens."""
-    parts: dict = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])}
+    """Content hash of a tokenizer: vocabulary, added tokens (with their flags), special tokens and, for
+    fast tokenizers, the normaliser, pre-tokenizer, model (merges), post-processor and decoder. File
+    names, paths and padding/truncation settings do not count."""
+    parts: dict = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        model_json = json.loads(backend.to_str())
-        for key in ("normalizer", "pre_tokenizer", "model", "post_processor", "decoder"):
-            parts[key] = model_json.get(key)
-    parts["special"] = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+        spec = json.loads(backend.to_str())
+        for key in ("added_tokens", "normalizer", "pre_tokenizer", "model", "post_processor", "decoder"):
+            parts[key] = spec.get(key)
+    else:
+        parts["class"] = type(tokenizer).__name__
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        parts["added_tokens"] = {str(i): str(t) for i, t in sorted(decoder.items())}
+    special = getattr(tokenizer, "special_tokens_map", {}) or {}
+    parts["special"] = {k: str(v) for k, v in sorted(special.items())}
     parts["bos_eos_pad"] = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
     return text_fingerprint(json.dumps(parts, sort_keys=True, default=str))
 

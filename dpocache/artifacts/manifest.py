@@ -1,10 +1,11 @@
-"""The store manifest: format, identity, shards and named lists; atomic writes; path safety."""
+"""The store manifest: format, identity, shards and named lists; atomic writes; path safety; locking."""
 
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -13,6 +14,7 @@ STORE_FORMAT = "dpocache-reference-store"
 STORE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+TMP_PREFIX = ".tmp-"
 
 
 class StoreError(Exception):
@@ -35,45 +37,92 @@ class Manifest:
                 "versions": self.versions, "shards": self.shards, "lists": self.lists}
 
 
-def safe_relpath(root: Path, rel: str, *, what: str) -> Path:
+def normalize_identity(identity: dict, *, where: str = "identity") -> dict:
+    """A flat, JSON-normalised copy of ``identity`` (so a tuple equals its stored list, etc.)."""
+    if not isinstance(identity, dict):
+        raise StoreError(f"{where}: the reference identity must be a dict, got {type(identity).__name__}")
+    for key, value in identity.items():
+        if not isinstance(key, str):
+            raise StoreError(f"{where}: identity keys must be strings, got {key!r}")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise StoreError(f"{where}: identity field {key!r} must be a string, number, boolean or null "
+                             f"(a flat dict), got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(identity, allow_nan=False))
+    except ValueError as exc:
+        raise StoreError(f"{where}: identity is not JSON-serialisable ({exc})") from None
+
+
+def identity_diff(stored: dict, requested: dict) -> list[str]:
+    """One line per differing field: ``field: store has X, requested Y``."""
+    keys = sorted(set(stored) | set(requested))
+    missing = object()
+    out = []
+    for k in keys:
+        a, b = stored.get(k, missing), requested.get(k, missing)
+        if a != b or type(a) is not type(b) and (isinstance(a, bool) or isinstance(b, bool)):
+            show_a = "(absent)" if a is missing else repr(a)
+            show_b = "(absent)" if b is missing else repr(b)
+            out.append(f"{k}: store has {show_a}, requested {show_b}")
+    return out
+
+
+def safe_relpath(root: Path, rel: object, *, what: str) -> Path:
     """Resolve ``rel`` inside ``root``; refuse absolute paths, ``..`` and symlinks leading outside."""
+    if not isinstance(rel, str) or not rel:
+        raise StoreError(f"{root / MANIFEST}: {what} path {rel!r} is not a relative path string")
     pure = PurePosixPath(rel)
-    if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel:
+    if pure.is_absolute() or ".." in pure.parts or "\\" in rel or rel.startswith("~") or ":" in pure.parts[0]:
         raise StoreError(f"{root / MANIFEST}: {what} path {rel!r} points outside the store")
     full = (root / pure).resolve()
     if not full.is_relative_to(root.resolve()):
-        raise StoreError(f"{root / MANIFEST}: {what} path {rel!r} resolves outside the store")
+        raise StoreError(f"{root / MANIFEST}: {what} path {rel!r} resolves outside the store (symlink)")
     return root / pure
 
 
+def _check_entry(path: Path, root: Path, entry: object, what: str, count_key: str) -> None:
+    if not isinstance(entry, dict) or not {"path", count_key, "sha256"} <= set(entry):
+        raise StoreError(f"{path}: malformed {what} entry {entry!r} (needs path, {count_key}, sha256)")
+    count = entry[count_key]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise StoreError(f"{path}: {what} entry {entry['path']!r} has an invalid {count_key} ({count!r})")
+    if "bytes" in entry and (isinstance(entry["bytes"], bool) or not isinstance(entry["bytes"], int)):
+        raise StoreError(f"{path}: {what} entry {entry['path']!r} has an invalid bytes ({entry['bytes']!r})")
+    if not isinstance(entry["sha256"], str) or len(entry["sha256"]) != 64:
+        raise StoreError(f"{path}: {what} entry {entry['path']!r} has an invalid sha256 ({entry['sha256']!r})")
+    safe_relpath(root, entry["path"], what=what)
+
+
 def read_manifest(root: Path) -> Manifest:
+    """Parse and validate ``root/manifest.json``; every defect is a :class:`StoreError` naming it."""
     path = root / MANIFEST
     if not path.is_file():
         raise StoreError(f"{path}: no manifest; {root} is not a dpocache store (or its first shard never "
                          "completed)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise StoreError(f"{path}: torn or corrupt manifest (not valid JSON: {exc})") from None
     if not isinstance(data, dict) or data.get("format") != STORE_FORMAT:
-        raise StoreError(f"{path}: not a dpocache store manifest")
+        raise StoreError(f"{path}: not a dpocache store manifest (no \"format\": \"{STORE_FORMAT}\")")
     version = data.get("format_version")
     if version != STORE_FORMAT_VERSION:
-        raise StoreError(f"{path}: store format version {version} is not supported by this dpocache "
-                         f"(expects {STORE_FORMAT_VERSION})")
-    try:
-        manifest = Manifest(dict(data["identity"]), dict(data.get("versions", {})), list(data["shards"]),
-                            dict(data.get("lists", {})))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StoreError(f"{path}: malformed manifest ({exc})") from None
-    for shard in manifest.shards:
-        if not isinstance(shard, dict) or not {"path", "rows", "sha256"} <= set(shard):
-            raise StoreError(f"{path}: malformed shard entry {shard!r}")
-        safe_relpath(root, shard["path"], what="shard")
-    for name, entry in manifest.lists.items():
-        if not isinstance(entry, dict) or "path" not in entry:
-            raise StoreError(f"{path}: malformed list entry {name!r}")
-        safe_relpath(root, entry["path"], what="list")
+        raise StoreError(f"{path}: store format version {version!r} is not supported by this dpocache "
+                         f"(it reads version {STORE_FORMAT_VERSION})")
+    identity, shards, lists = data.get("identity"), data.get("shards"), data.get("lists", {})
+    if not isinstance(identity, dict) or not isinstance(shards, list) or not isinstance(lists, dict):
+        raise StoreError(f"{path}: malformed manifest (identity must be an object, shards a list, lists an "
+                         "object)")
+    versions = data.get("versions", {})
+    manifest = Manifest(identity, versions if isinstance(versions, dict) else {}, shards, lists)
+    seen: set[str] = set()
+    for entry in shards:
+        _check_entry(path, root, entry, "shard", "rows")
+        if entry["path"] in seen:
+            raise StoreError(f"{path}: shard {entry['path']!r} is listed twice")
+        seen.add(entry["path"])
+    for entry in lists.values():
+        _check_entry(path, root, entry, "list", "count")
     return manifest
 
 
@@ -97,16 +146,22 @@ def pid_alive(pid: int) -> bool:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to a unique temporary file, fsync it, rename it over ``path``, fsync the directory."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
+    """Replace the manifest atomically (caller holds :func:`store_lock`)."""
     atomic_write_bytes(root / MANIFEST, (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
 
 

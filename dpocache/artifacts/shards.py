@@ -1,13 +1,15 @@
-"""Shard schema, row validation and atomic shard files."""
+"""Shard schema, row validation, Arrow table building and atomic, verified shard files."""
 
 from __future__ import annotations
 
-import math
+import numbers
 import os
-import socket
+import re
+import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -15,7 +17,13 @@ from dpocache.artifacts.identity import file_sha256
 from dpocache.artifacts.manifest import StoreError, fsync_dir
 
 SHARD_DIR = "shards"
+ROW_GROUP_ROWS = 64  # small row groups: a training batch reads a few of them, never a whole shard
+COMPRESSION = "zstd"
+HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+LOGP_SUM_TOLERANCE = 1e-3  # a sum of log-probs may exceed 0 only by rounding
+SIDES = ("chosen", "rejected")
 TOKEN_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
+VALUE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens")
 
 BASE_FIELDS = [
     pa.field("hash", pa.string(), nullable=False),
@@ -28,62 +36,154 @@ BASE_FIELDS = [
     pa.field("ref_chosen_tokens", pa.int32(), nullable=False),
     pa.field("ref_rejected_tokens", pa.int32(), nullable=False),
 ]
-TOKEN_FIELDS = [pa.field(name, pa.list_(pa.float32())) for name in TOKEN_COLUMNS]
-VALUE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens")
+TOKEN_FIELDS = [pa.field(name, pa.list_(pa.float32()), nullable=False) for name in TOKEN_COLUMNS]
+BASE_COLUMNS = [f.name for f in BASE_FIELDS]
+ALL_COLUMNS = BASE_COLUMNS + list(TOKEN_COLUMNS)
+_INT32 = np.iinfo(np.int32)
 
 
 def schema(with_token_logps: bool) -> pa.Schema:
     return pa.schema(BASE_FIELDS + (TOKEN_FIELDS if with_token_logps else []))
 
 
-def validate_row(row: dict) -> None:
-    """Refuse a malformed row with a message naming the example hash and the defect."""
+def _int_vector(row_name: str, column: str, value, dtype) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"row {row_name}: {column} is not an integer sequence ({exc})") from None
+    if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iub":
+        raise StoreError(f"row {row_name}: {column} must be a non-empty 1-D integer sequence "
+                         f"(got {type(value).__name__} with dtype {arr.dtype}, shape {arr.shape})")
+    if arr.min() < _INT32.min or arr.max() > _INT32.max:
+        raise StoreError(f"row {row_name}: {column} has values outside int32")
+    return arr.astype(dtype, copy=False)
+
+
+def _real(row_name: str, column: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise StoreError(f"row {row_name}: {column} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise StoreError(f"row {row_name}: {column} is not a finite number ({value!r})")
+    return value
+
+
+def _side(row: dict, name: str, side: str, with_tokens: bool) -> dict:
+    ids = _int_vector(name, f"{side}_input_ids", row[f"{side}_input_ids"], np.int32)
+    mask = _int_vector(name, f"{side}_mask", row[f"{side}_mask"], np.int8)
+    if mask.size != ids.size:
+        raise StoreError(f"row {name}: {side} mask length {mask.size} != ids length {ids.size}")
+    if ((mask != 0) & (mask != 1)).any():
+        raise StoreError(f"row {name}: {side}_mask must hold only 0 and 1")
+    if mask[0] != 0:
+        raise StoreError(f"row {name}: {side}_mask[0] is 1, but the first token has no log-prob (must be 0)")
+    total = _real(name, f"ref_{side}_logps", row[f"ref_{side}_logps"])
+    if total > LOGP_SUM_TOLERANCE:
+        raise StoreError(f"row {name}: ref_{side}_logps = {total} > 0 is not a log-probability sum")
+    count = row[f"ref_{side}_tokens"]
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
+        raise StoreError(f"row {name}: ref_{side}_tokens must be an integer, got {type(count).__name__} {count!r}")
+    if int(count) != int(mask.sum()):
+        raise StoreError(f"row {name}: ref_{side}_tokens {count} != trainable tokens in mask {int(mask.sum())}")
+    out = {f"{side}_input_ids": ids, f"{side}_mask": mask, f"ref_{side}_logps": total,
+           f"ref_{side}_tokens": int(count)}
+    if with_tokens:
+        out[f"ref_{side}_token_logps"] = _token_logps(row, name, side, mask, total)
+    return out
+
+
+def _token_logps(row: dict, name: str, side: str, mask: np.ndarray, total: float) -> np.ndarray:
+    column = f"ref_{side}_token_logps"
+    try:
+        tok = np.asarray(row[column], dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"row {name}: {column} is not a float sequence ({exc})") from None
+    if tok.ndim != 1 or tok.size != mask.size:
+        raise StoreError(f"row {name}: {column} length {tok.size} != ids length {mask.size}")
+    if not np.isfinite(tok).all():
+        raise StoreError(f"row {name}: {column} holds NaN or infinite values")
+    if (tok[mask == 0] != 0).any():
+        raise StoreError(f"row {name}: {column} must be 0 where {side}_mask is 0")
+    summed = float(tok.sum(dtype=np.float64))
+    if abs(summed - total) > 1e-3 + 1e-4 * abs(total):
+        raise StoreError(f"row {name}: {column} sums to {summed}, but ref_{side}_logps is {total}")
+    return tok
+
+
+def validate_row(row: dict) -> dict:
+    """Check a row and return it normalised (numpy arrays of the schema dtypes); errors name hash and defect."""
+    if not isinstance(row, dict):
+        raise StoreError(f"a store row must be a dict, got {type(row).__name__}")
     name = row.get("hash", "<no hash>")
-    missing = [f.name for f in BASE_FIELDS if f.name not in row]
+    missing = [c for c in BASE_COLUMNS if c not in row]
     if missing:
         raise StoreError(f"row {name}: missing column(s) {', '.join(missing)}")
-    if not isinstance(row["hash"], str) or not row["hash"]:
-        raise StoreError(f"row {name}: hash must be a non-empty string")
-    for side in ("chosen", "rejected"):
-        ids, mask = row[f"{side}_input_ids"], row[f"{side}_mask"]
-        if len(ids) != len(mask):
-            raise StoreError(f"row {name}: {side} mask length {len(mask)} != ids length {len(ids)}")
-        value, count = row[f"ref_{side}_logps"], row[f"ref_{side}_tokens"]
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise StoreError(f"row {name}: ref_{side}_logps is not a finite number ({value!r})")
-        if value > 1e-6:
-            raise StoreError(f"row {name}: ref_{side}_logps = {value} > 0 is not a log-probability sum")
-        if int(count) != int(sum(mask)):
-            raise StoreError(f"row {name}: ref_{side}_tokens {count} != trainable tokens in mask {sum(mask)}")
-        tok = row.get(f"ref_{side}_token_logps")
-        if tok is not None and len(tok) != len(ids):
-            raise StoreError(f"row {name}: ref_{side}_token_logps length {len(tok)} != ids length {len(ids)}")
+    unknown = sorted(set(row) - set(ALL_COLUMNS))
+    if unknown:
+        raise StoreError(f"row {name}: unknown column(s) {', '.join(unknown)}")
+    if not isinstance(name, str) or not HASH_RE.match(name):
+        raise StoreError(f"row {name!r}: hash must be 64 lowercase hex characters")
+    present = [row.get(c) is not None for c in TOKEN_COLUMNS]
+    if present[0] != present[1]:
+        raise StoreError(f"row {name}: give both per-token columns ({', '.join(TOKEN_COLUMNS)}) or neither")
+    out: dict = {"hash": name}
+    for side in SIDES:
+        out.update(_side(row, name, side, present[0]))
+    return out
+
+
+def _list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([a.size for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.array([], dtype=value_type.to_pandas_dtype())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Normalised rows (from :func:`validate_row`) to a table with the explicit shard schema."""
+    with_tokens = TOKEN_COLUMNS[0] in rows[0]
+    if any((TOKEN_COLUMNS[0] in r) != with_tokens for r in rows):
+        raise StoreError("rows of one shard must all have the per-token columns or all lack them")
+    sch = schema(with_tokens)
+    columns = []
+    for f in sch:
+        values = [r[f.name] for r in rows]
+        if pa.types.is_list(f.type):
+            columns.append(_list_array(values, f.type.value_type))
+        else:
+            columns.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(columns, schema=sch)
 
 
 def new_shard_name() -> str:
     return f"shard-{uuid.uuid4().hex}.parquet"
 
 
-def temp_name(final: str) -> str:
-    return f".tmp-{socket.gethostname()}-{os.getpid()}-{final}"
+def write_temp_shard(path: Path, table: pa.Table) -> None:
+    """Write ``table`` to ``path`` (a temporary name) and fsync it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pq.write_table(table, path, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS)
+        with open(path, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
-def write_shard_file(root: Path, rows: list[dict]) -> tuple[Path, Path]:
-    """Write rows to a temporary file in ``shards/`` (fsynced). Returns (temp path, final path)."""
-    with_tok = any(r.get(TOKEN_COLUMNS[0]) is not None for r in rows)
-    sch = schema(with_tok)
-    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in sch} for r in rows], schema=sch)
-    shard_dir = root / SHARD_DIR
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    final = shard_dir / new_shard_name()
-    tmp = shard_dir / temp_name(final.name)
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    return tmp, final
+def copy_file_synced(source: Path, dest: Path) -> None:
+    """Copy ``source`` to ``dest`` (a temporary name) and fsync it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copyfile(source, dest)
+        with open(dest, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
 
 
-def publish_shard(root: Path, tmp: Path, final: Path, rows: int) -> dict:
+def publish_shard(tmp: Path, final: Path, rows: int) -> dict:
     """Rename into place (caller holds the store lock) and return the manifest entry."""
     entry = {"path": f"{SHARD_DIR}/{final.name}", "rows": rows, "bytes": tmp.stat().st_size,
              "sha256": file_sha256(tmp)}
@@ -92,8 +192,8 @@ def publish_shard(root: Path, tmp: Path, final: Path, rows: int) -> dict:
     return entry
 
 
-def check_shard(root: Path, entry: dict, *, verify: bool) -> Path:
-    """Existence, size and (if ``verify``) sha256 of one shard; a clear error naming it otherwise."""
+def check_shard(root: Path, entry: dict, *, verify: bool) -> pq.ParquetFile:
+    """Existence, size, sha256 (if ``verify``), Parquet footer, row count and schema of one shard."""
     path = root / entry["path"]
     if not path.is_file():
         raise StoreError(f"{path}: shard listed in the manifest is missing")
@@ -102,11 +202,24 @@ def check_shard(root: Path, entry: dict, *, verify: bool) -> Path:
         raise StoreError(f"{path}: shard is truncated or altered ({size} bytes, manifest says {entry['bytes']})")
     if verify and file_sha256(path) != entry["sha256"]:
         raise StoreError(f"{path}: shard checksum mismatch (sha256 differs from the manifest): corrupt")
-    return path
-
-
-def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
     try:
-        return pq.read_table(path, columns=columns)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise StoreError(f"{path}: unreadable Parquet shard ({exc})") from None
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise StoreError(f"{path}: unreadable Parquet footer ({exc})") from None
+    if pf.metadata.num_rows != entry["rows"]:
+        raise StoreError(f"{path}: shard has {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
+    arrow = pf.schema_arrow
+    for f in BASE_FIELDS + TOKEN_FIELDS:
+        idx = arrow.get_field_index(f.name)
+        if (idx < 0 and f.name not in TOKEN_COLUMNS) or (idx >= 0 and not arrow.field(idx).type.equals(f.type)):
+            found = "absent" if idx < 0 else str(arrow.field(idx).type)
+            raise StoreError(f"{path}: column {f.name} is {found}, expected {f.type}")
+    return pf
+
+
+def read_groups(path: Path, pf: pq.ParquetFile, groups: list[int], columns: list[str]) -> pa.Table:
+    """Read row groups of an opened shard; a decoding failure names the shard."""
+    try:
+        return pf.read_row_groups(groups, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise StoreError(f"{path}: unreadable Parquet data ({exc})") from None

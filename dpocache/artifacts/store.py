@@ -1,78 +1,124 @@
 """The reference store: a directory of Parquet shards plus a manifest, content-addressed by example hash.
 
-Writing: rows are buffered and flushed as shards; each shard is written to a temporary file, fsynced,
-then (under the store lock) renamed into place and added to the manifest, which is replaced atomically.
-A crash loses at most the shard in flight. Several processes may write one store at once.
-Reading: shards are verified on open, rows are fetched by hash, in the requested order.
+Writing: rows are validated, buffered and flushed as shards; each shard is written to a temporary file,
+fsynced, then (under the store lock) renamed into place and added to the manifest, which is replaced
+atomically. A crash loses at most the shard in flight. Several processes may write one store at once.
+Reading: each shard is verified when first opened; rows are fetched by hash, in the requested order,
+reading only the row groups and columns needed.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import socket
-import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from dpocache.artifacts.identity import file_sha256
-from dpocache.artifacts.manifest import (MANIFEST, IdentityMismatchError, Manifest, StoreError,
-                                         atomic_write_bytes, pid_alive, read_manifest, safe_relpath, store_lock,
+from dpocache.artifacts.cleanup import WriterLock, clean_orphans
+from dpocache.artifacts.lists import check_hashes, check_list_name, read_list_file, write_list_file
+from dpocache.artifacts.manifest import (LOCK, MANIFEST, TMP_PREFIX, IdentityMismatchError, Manifest, StoreError,
+                                         identity_diff, normalize_identity, read_manifest, store_lock,
                                          write_manifest)
-from dpocache.artifacts.shards import (SHARD_DIR, VALUE_COLUMNS, check_shard, publish_shard, read_shard,
-                                       validate_row, write_shard_file)
+from dpocache.artifacts.shards import (ALL_COLUMNS, BASE_COLUMNS, BASE_FIELDS, SHARD_DIR, TOKEN_FIELDS,
+                                       VALUE_COLUMNS, check_shard, copy_file_synced, new_shard_name, publish_shard,
+                                       read_groups, rows_to_table, validate_row, write_temp_shard)
 
-LIST_DIR = "lists"
-_LIST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")
+_STORE_ENTRIES = {MANIFEST, LOCK, SHARD_DIR, "lists", ".writers"}
+_OPEN_FILES = 32  # opened shards kept (LRU)
 
 
-def identity_diff(stored: dict, requested: dict) -> list[str]:
-    keys = sorted(set(stored) | set(requested))
-    return [f"{k}: store has {stored.get(k)!r}, requested {requested.get(k)!r}"
-            for k in keys if stored.get(k) != requested.get(k)]
+class _Shard:
+    """An opened, verified shard: its Parquet handle and the first row of each row group."""
+
+    def __init__(self, path: Path, pf: pq.ParquetFile):
+        self.path = path
+        self.pf = pf
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.columns = set(pf.schema_arrow.names)
+
+    def read(self, rows: list[int], columns: list[str]) -> pa.Table:
+        """Rows (by position) in ascending position order, reading only the row groups that hold them."""
+        rows_arr = np.asarray(sorted(rows), dtype=np.int64)
+        groups = np.unique(np.searchsorted(self.starts, rows_arr, side="right") - 1)
+        table = read_groups(self.path, self.pf, groups.tolist(), columns)
+        # position of each wanted row inside the concatenation of the row groups read
+        base = np.cumsum([0] + [int(self.starts[g + 1] - self.starts[g]) for g in groups[:-1]])
+        group_of = np.searchsorted(self.starts, rows_arr, side="right") - 1
+        local = rows_arr - self.starts[group_of] + base[np.searchsorted(groups, group_of)]
+        return table.take(pa.array(local))
 
 
 class ReferenceStore:
-    def __init__(self, root: Path, manifest: Manifest, *, verify: bool):
+    """A reference store opened for reading (:meth:`open`) or writing (:meth:`create_or_open`)."""
+
+    def __init__(self, root: Path, manifest: Manifest, *, verify: bool, writer_lock: WriterLock | None = None):
         self.root = root
         self._manifest = manifest
         self._verify = verify
-        self._verified: set[str] = set()
-        self._index: dict[str, list[tuple[int, int]]] | None = None
+        self._writer_lock = writer_lock
+        self._open: OrderedDict[str, _Shard] = OrderedDict()
+        self._checked: set[str] = set()
+        self._index: dict[str, list[tuple[str, int]]] = {}
+        self._indexed: set[str] = set()
+        self._dup_checked: set[str] = set()
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
     def create_or_open(cls, path, identity: dict, *, versions: dict | None = None) -> "ReferenceStore":
+        """Open ``path`` for writing, creating it if needed; refuse a store of another identity."""
         root = Path(path)
+        identity = normalize_identity(identity, where=str(root))
+        versions = json.loads(json.dumps(versions, default=str)) if versions else None  # informational
         with store_lock(root):
             if (root / MANIFEST).exists():
                 manifest = read_manifest(root)
                 diffs = identity_diff(manifest.identity, identity)
                 if diffs:
                     raise IdentityMismatchError(
-                        f"{root}: the store was scored by another reference; refusing to mix. Differences: "
-                        + "; ".join(diffs) + ". Use another --store.")
-                if versions:
-                    manifest.versions = dict(versions)
+                        f"{root / MANIFEST}: the store was scored by another reference; refusing to mix. "
+                        f"{len(diffs)} differing field(s): " + "; ".join(diffs) + ". Use another store directory.")
+                if versions and versions != manifest.versions:
+                    manifest.versions = versions
                     write_manifest(root, manifest)
             else:
-                manifest = Manifest(dict(identity), dict(versions or {}))
+                strangers = sorted(p.name for p in root.iterdir()
+                                   if p.name not in _STORE_ENTRIES and not p.name.startswith(TMP_PREFIX))
+                if strangers:
+                    raise StoreError(f"{root}: directory is not empty and is not a dpocache store (it holds "
+                                     f"{', '.join(strangers[:5])}); choose an empty or new directory")
+                manifest = Manifest(identity, versions or {})
                 write_manifest(root, manifest)
-            _clean_orphans(root, manifest)
-        return cls(root, manifest, verify=True)
+            lock = WriterLock(root)
+            clean_orphans(root, manifest, own_id=lock.id)
+        return cls(root, manifest, verify=True, writer_lock=lock)
 
     @classmethod
     def open(cls, path, *, verify: bool = True) -> "ReferenceStore":
+        """Open read-only. ``verify`` checks each shard's sha256 when it is first read."""
         root = Path(path)
         if not root.is_dir():
             raise StoreError(f"{root}: no such store directory")
         return cls(root, read_manifest(root), verify=verify)
 
+    def close(self) -> None:
+        """Release open shard files and, for a writable store, this process's writer registration."""
+        self._open.clear()
+        if self._writer_lock is not None:
+            self._writer_lock.release()
+
+    def __enter__(self) -> "ReferenceStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def refresh(self) -> None:
+        """Re-read the manifest (other writers may have added shards or lists)."""
         self._manifest = read_manifest(self.root)
-        self._index = None
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -85,137 +131,194 @@ class ReferenceStore:
 
     @property
     def shards(self) -> list[dict]:
-        return list(self._manifest.shards)
+        return [dict(s) for s in self._manifest.shards]
 
     def num_rows(self) -> int:
+        """Rows in the shards listed by the manifest (repeated hashes counted once per shard)."""
+        self.refresh()
         return sum(int(s["rows"]) for s in self._manifest.shards)
 
     def hashes(self) -> set[str]:
+        """Every example hash present in the store (re-reads the manifest first)."""
         self.refresh()
         return set(self._build_index())
 
     # -- writing -------------------------------------------------------------------------------
+    def _require_writable(self, what: str) -> WriterLock:
+        if self._writer_lock is None:
+            raise StoreError(f"{self.root}: opened read-only; {what} needs ReferenceStore.create_or_open")
+        return self._writer_lock
+
     def writer(self, *, rows_per_shard: int = 1024) -> "ShardWriter":
+        self._require_writable("writing rows")
+        if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, int) or rows_per_shard < 1:
+            raise StoreError(f"rows_per_shard must be a positive integer, got {rows_per_shard!r}")
         return ShardWriter(self, rows_per_shard)
 
-    def _publish(self, rows: list[dict]) -> None:
-        tmp, final = write_shard_file(self.root, rows)
+    def _publish_table(self, table: pa.Table) -> dict:
+        """Write one shard (temp file, fsync) and commit it."""
+        lock = self._require_writable("writing rows")
+        final = self.root / SHARD_DIR / new_shard_name()
+        tmp = final.with_name(lock.temp_shard_name(final.name))
+        write_temp_shard(tmp, table)
+        return self._commit_shard(tmp, final, table.num_rows, table.column("hash").to_pylist())
+
+    def _publish_file(self, source: Path, rows: int, hashes: list[str]) -> dict:
+        """Copy an already verified shard file (fsynced under a temp name) and commit it."""
+        lock = self._require_writable("writing rows")
+        final = self.root / SHARD_DIR / new_shard_name()
+        tmp = final.with_name(lock.temp_shard_name(final.name))
+        copy_file_synced(source, tmp)
+        return self._commit_shard(tmp, final, rows, hashes)
+
+    def _commit_shard(self, tmp: Path, final: Path, rows: int, hashes: list[str]) -> dict:
+        """Under the store lock: rename the temp file into place and add it to the manifest."""
         with store_lock(self.root):
             manifest = read_manifest(self.root)
-            manifest.shards.append(publish_shard(self.root, tmp, final, len(rows)))
+            entry = publish_shard(tmp, final, rows)
+            manifest.shards.append(entry)
             write_manifest(self.root, manifest)
             self._manifest = manifest
-            self._index = None
+        self._checked.add(entry["path"])
+        if self._indexed:
+            self._add_to_index(entry["path"], hashes)
+        return entry
 
     def record_list(self, name: str, hashes: list[str]) -> None:
-        """Record the ordered example list of a dataset/mixture under ``name`` (replacing it)."""
-        if not _LIST_NAME.match(name):
-            raise StoreError(f"list name {name!r}: use letters, digits and . _ + = - (max 200 characters)")
-        list_dir = self.root / LIST_DIR
-        list_dir.mkdir(parents=True, exist_ok=True)
-        path = list_dir / f"{name}.json"
-        atomic_write_bytes(path, json.dumps(list(hashes)).encode())
-        entry = {"path": f"{LIST_DIR}/{name}.json", "count": len(hashes), "sha256": file_sha256(path)}
+        """Record the ordered example list of a dataset/mixture under ``name`` (replacing an older one)."""
+        self._require_writable("recording a list")
+        check_list_name(name)
+        hashes = check_hashes(hashes, f"example list {name!r}")
         with store_lock(self.root):
             manifest = read_manifest(self.root)
-            manifest.lists[name] = entry
+            old = manifest.lists.get(name)
+            manifest.lists[name] = write_list_file(self.root, name, hashes)
             write_manifest(self.root, manifest)
             self._manifest = manifest
+            if old is not None and old["path"] != manifest.lists[name]["path"]:
+                (self.root / old["path"]).unlink(missing_ok=True)
 
+    # -- named lists ---------------------------------------------------------------------------
     def lists(self) -> dict[str, int]:
-        return {k: int(v.get("count", 0)) for k, v in self._manifest.lists.items()}
+        """Named example lists: name -> number of examples."""
+        return {k: int(v["count"]) for k, v in self._manifest.lists.items()}
 
     def get_list(self, name: str) -> list[str]:
+        """The ordered example hashes recorded under ``name``."""
+        if name not in self._manifest.lists:
+            self.refresh()
         entry = self._manifest.lists.get(name)
         if entry is None:
-            raise StoreError(f"{self.root}: no example list named {name!r} (lists: "
+            raise StoreError(f"{self.root / MANIFEST}: no example list named {name!r} (lists: "
                              f"{', '.join(sorted(self._manifest.lists)) or 'none'})")
-        path = safe_relpath(self.root, entry["path"], what="list")
-        if not path.is_file():
-            raise StoreError(f"{path}: example list file is missing")
-        if self._verify and file_sha256(path) != entry.get("sha256"):
-            raise StoreError(f"{path}: example list checksum mismatch: corrupt")
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as exc:
-            raise StoreError(f"{path}: corrupt example list ({exc})") from None
-        if not isinstance(data, list) or not all(isinstance(h, str) for h in data):
-            raise StoreError(f"{path}: example list must be a JSON array of hash strings")
-        return data
+        if not (self.root / entry["path"]).is_file():
+            self.refresh()  # replaced by a writer since this handle read the manifest
+            entry = self._manifest.lists.get(name, entry)
+        return read_list_file(self.root, name, entry, verify=self._verify)
 
     # -- reading -------------------------------------------------------------------------------
-    def _shard_path(self, i: int) -> Path:
-        entry = self._manifest.shards[i]
-        path = safe_relpath(self.root, entry["path"], what="shard")
-        if entry["path"] not in self._verified:
-            check_shard(self.root, entry, verify=self._verify)
-            self._verified.add(entry["path"])
-        return path
+    def _shard(self, rel: str) -> _Shard:
+        shard = self._open.get(rel)
+        if shard is not None:
+            self._open.move_to_end(rel)
+            return shard
+        entry = next(s for s in self._manifest.shards if s["path"] == rel)
+        pf = check_shard(self.root, entry, verify=self._verify and rel not in self._checked)
+        self._checked.add(rel)
+        shard = self._open[rel] = _Shard(self.root / rel, pf)
+        if len(self._open) > _OPEN_FILES:
+            self._open.popitem(last=False)
+        return shard
 
-    def _build_index(self) -> dict[str, list[tuple[int, int]]]:
-        if self._index is None:
-            index: dict[str, list[tuple[int, int]]] = {}
-            for i in range(len(self._manifest.shards)):
-                column = read_shard(self._shard_path(i), ["hash"]).column("hash").to_pylist()
-                for row, h in enumerate(column):
-                    index.setdefault(h, []).append((i, row))
-            self._index = index
+    def _add_to_index(self, rel: str, hashes: list[str]) -> None:
+        for row, h in enumerate(hashes):
+            self._index.setdefault(h, []).append((rel, row))
+        self._indexed.add(rel)
+
+    def _build_index(self) -> dict[str, list[tuple[str, int]]]:
+        for entry in self._manifest.shards:
+            rel = entry["path"]
+            if rel not in self._indexed:
+                shard = self._shard(rel)
+                hashes = read_groups(shard.path, shard.pf, list(range(shard.pf.num_row_groups)), ["hash"])
+                self._add_to_index(rel, hashes.column("hash").to_pylist())
         return self._index
+
+    def _columns(self, columns: list[str] | None) -> list[str]:
+        if columns is None:
+            return list(BASE_COLUMNS)
+        unknown = [c for c in columns if c not in ALL_COLUMNS]
+        if unknown:
+            raise StoreError(f"{self.root}: unknown column(s) {', '.join(unknown)} "
+                             f"(columns: {', '.join(ALL_COLUMNS)})")
+        return ["hash"] + [c for c in dict.fromkeys(columns) if c != "hash"]
 
     def read_rows(self, hashes: list[str], columns: list[str] | None = None, *,
                   allow_missing: bool = False) -> tuple[pa.Table, int]:
-        """Rows for ``hashes`` in that order (repeats allowed), reading only ``columns``."""
+        """Rows for ``hashes`` in that order (repeats allowed), reading only ``columns`` (default: every
+        column but the per-token ones; ``hash`` always comes first). Returns (table, number missing)."""
+        cols = self._columns(columns)
         index = self._build_index()
         missing = [h for h in hashes if h not in index]
         if missing and not allow_missing:
-            raise StoreError(f"{self.root}: {len(missing)} of {len(hashes)} listed examples are missing from the "
-                             f"store (e.g. {', '.join(missing[:3])}); score them first or pass --allow_missing")
+            raise StoreError(f"{self.root}: {len(missing)} of {len(hashes)} requested examples are missing from "
+                             f"the store (e.g. {', '.join(missing[:3])}); score them first, or pass allow_missing "
+                             "(--allow_missing) to drop them")
         wanted = [h for h in hashes if h in index]
-        cols = list(columns) if columns else None
-        if cols and "hash" not in cols:
-            cols = ["hash"] + cols
-        by_shard: dict[int, list[int]] = {}
-        for h in set(wanted):
+        by_shard: dict[str, list[int]] = {}
+        for h in dict.fromkeys(wanted):
             locs = index[h]
-            if len(locs) > 1:
+            if len(locs) > 1 and h not in self._dup_checked:
                 self._check_duplicates(h, locs)
             by_shard.setdefault(locs[0][0], []).append(locs[0][1])
-        parts = []
-        for i, rows in sorted(by_shard.items()):
-            table = read_shard(self._shard_path(i), cols)
-            parts.append(table.take(pa.array(sorted(rows), pa.int64())))
+        parts = [self._read_shard_rows(rel, rows, cols) for rel, rows in by_shard.items()]
         if not parts:
-            empty = read_shard(self._shard_path(0), cols).slice(0, 0) if self._manifest.shards else pa.table({})
-            return empty, len(missing)
-        table = pa.concat_tables(parts, promote_options="default")
+            empty = pa.schema([f for f in BASE_FIELDS + TOKEN_FIELDS if f.name in cols]).empty_table()
+            return empty.select(cols), len(missing)
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
         position = {h: k for k, h in enumerate(table.column("hash").to_pylist())}
         take = np.fromiter((position[h] for h in wanted), dtype=np.int64, count=len(wanted))
         return table.take(pa.array(take)), len(missing)
 
-    def _check_duplicates(self, h: str, locs: list[tuple[int, int]]) -> None:
-        values = []
-        for shard, row in locs:
-            t = read_shard(self._shard_path(shard), list(VALUE_COLUMNS)).slice(row, 1).to_pylist()[0]
-            values.append((self._manifest.shards[shard]["path"], t))
-        first_path, first = values[0]
-        for path, other in values[1:]:
+    def _read_shard_rows(self, rel: str, rows: list[int], cols: list[str]) -> pa.Table:
+        shard = self._shard(rel)
+        absent = [c for c in cols if c not in shard.columns]
+        if absent:
+            raise StoreError(f"{shard.path}: shard has no column(s) {', '.join(absent)} (scored without "
+                             "per-token log-probs)")
+        return shard.read(rows, cols).select(cols)
+
+    def _check_duplicates(self, h: str, locs: list[tuple[str, int]]) -> None:
+        """The same example in several shards must carry identical reference values."""
+        values = [(rel, self._shard(rel).read([row], list(VALUE_COLUMNS)).to_pylist()[0]) for rel, row in locs]
+        first_rel, first = values[0]
+        for rel, other in values[1:]:
             if other != first:
-                raise StoreError(f"{self.root}: example {h} has different reference values in {first_path} "
-                                 f"and {path}: the store mixes incompatible computations")
+                diff = ", ".join(f"{k} {first[k]!r} vs {other[k]!r}" for k in VALUE_COLUMNS if first[k] != other[k])
+                raise StoreError(f"{self.root}: example {h} has different reference values in {self.root / first_rel} "
+                                 f"and {self.root / rel} ({diff}): the store mixes incompatible computations")
+        self._dup_checked.add(h)
 
 
 class ShardWriter:
-    """Buffers rows; every ``rows_per_shard`` rows (and on close, even after an error) a shard is published."""
+    """Buffers validated rows; every ``rows_per_shard`` rows, on :meth:`flush` and on close (even after an
+    error) the buffer becomes one shard. A hash given twice keeps one row (an error if values differ)."""
 
     def __init__(self, store: ReferenceStore, rows_per_shard: int):
         self.store = store
-        self.rows_per_shard = max(1, int(rows_per_shard))
-        self._buffer: list[dict] = []
+        self.rows_per_shard = rows_per_shard
+        self._buffer: dict[str, dict] = {}
         self.written = 0
+        self.shards: list[dict] = []
 
     def add(self, row: dict) -> None:
-        validate_row(row)
-        self._buffer.append(row)
+        clean = validate_row(row)
+        prior = self._buffer.get(clean["hash"])
+        if prior is not None:
+            if any(prior[k] != clean[k] for k in VALUE_COLUMNS):
+                raise StoreError(f"row {clean['hash']}: added twice with different reference values")
+            return
+        self._buffer[clean["hash"]] = clean
         if len(self._buffer) >= self.rows_per_shard:
             self.flush()
 
@@ -224,9 +327,10 @@ class ShardWriter:
             self.add(row)
 
     def flush(self) -> None:
+        """Publish the buffered rows as one shard (no-op when empty)."""
         if self._buffer:
-            rows, self._buffer = self._buffer, []
-            self.store._publish(rows)
+            rows, self._buffer = list(self._buffer.values()), {}
+            self.shards.append(self.store._publish_table(rows_to_table(rows)))
             self.written += len(rows)
 
     def __enter__(self) -> "ShardWriter":
@@ -234,69 +338,4 @@ class ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.flush()  # nothing already computed is lost, even when the caller failed
-
-
-def _clean_orphans(root: Path, manifest: Manifest, *, max_age_s: float = 86400.0) -> list[Path]:
-    """Remove shard files not in the manifest and temporaries of dead writers (caller holds the lock)."""
-    removed = []
-    shard_dir = root / SHARD_DIR
-    listed = {Path(s["path"]).name for s in manifest.shards}
-    if shard_dir.is_dir():
-        host = socket.gethostname()
-        for path in shard_dir.iterdir():
-            name = path.name
-            if name.startswith(".tmp-"):
-                pid = _tmp_pid(name)
-                dead = pid is not None and name.startswith(f".tmp-{host}-") and not pid_alive(pid)
-                stale = time.time() - path.stat().st_mtime > max_age_s
-                if dead or stale:
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
-            elif name.endswith(".parquet") and name not in listed:
-                path.unlink(missing_ok=True)  # renamed under the lock, so never a live writer's shard
-                removed.append(path)
-    return removed
-
-
-def _tmp_pid(name: str) -> int | None:
-    match = re.match(r"^\.tmp-.+-(\d+)-shard-[0-9a-f]{32}\.parquet$", name)
-    return int(match.group(1)) if match else None
-
-
-def merge_stores(dst, sources: list) -> dict:
-    """Combine sub-stores (identities must match) into ``dst``; lists with one name must agree or are
-    concatenated in source order when they are disjoint parts."""
-    opened = [ReferenceStore.open(s, verify=True) for s in sources]
-    if not opened:
-        raise StoreError("merge needs at least one source store")
-    identity = opened[0].identity
-    for store in opened[1:]:
-        diffs = identity_diff(identity, store.identity)
-        if diffs:
-            raise IdentityMismatchError(f"{store.root}: identity differs from {opened[0].root}: " + "; ".join(diffs))
-    target = ReferenceStore.create_or_open(dst, identity, versions=opened[0].versions)
-    have = target.hashes()
-    copied = 0
-    for store in opened:
-        for i in range(len(store.shards)):
-            table = read_shard(store._shard_path(i))
-            keep = [k for k, h in enumerate(table.column("hash").to_pylist()) if h not in have]
-            if keep:
-                rows = table.take(pa.array(keep)).to_pylist()
-                target._publish(rows)
-                have.update(r["hash"] for r in rows)
-                copied += len(rows)
-    lists: dict[str, list[str]] = {}
-    for store in opened:
-        for name in store.lists():
-            hashes = store.get_list(name)
-            if name not in lists or lists[name] == hashes:
-                lists[name] = hashes
-            else:
-                seen = set(lists[name])
-                lists[name] = lists[name] + [h for h in hashes if h not in seen]
-    for name, hashes in lists.items():
-        target.record_list(name, hashes)
-    return {"store": str(Path(dst)), "rows_copied": copied, "rows": target.num_rows(), "lists": target.lists()}
-
 
