@@ -1,0 +1,122 @@
+"""Stage two's options: one typed, validated dataclass (every field is a flag and a YAML key)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from dpocache.config import check, opt
+from dpocache.losses import LOSS_TYPES
+
+
+@dataclass
+class TrainConfig:
+    store: str | None = opt(None, "Reference store written by stage one.", group="store")
+    store_dataset: str | None = opt(None, "Named example list of the store to train on (default: the only "
+                                    "list, or the one `run` just scored).", group="store")
+    verify_store: bool = opt(True, "Verify shard checksums when opening the store.", group="store")
+    allow_missing: bool = opt(False, "Drop (and count) listed examples missing from the store instead of "
+                              "failing.", group="store")
+    output_dir: str = opt("output", "Where the trained model, metrics.jsonl and summaries go.",
+                          group="training")
+    loss_type: Literal["dpo", "dpo_norm", "simpo", "wpo", "ipo", "hinge", "robust"] = opt(
+        "dpo_norm", "Preference loss (see docs/losses.md).", group="loss")
+    beta: float = opt(5.0, "Temperature of the preference loss.", group="loss")
+    gamma_beta_ratio: float = opt(0.3, "SimPO target margin over beta.", group="loss")
+    label_smoothing: float = opt(0.0, "Conservative/robust DPO label smoothing in [0, 0.5).", group="loss")
+    sft_weight: float = opt(0.0, "Weight of an added SFT (chosen NLL per token) term.", group="loss")
+    learning_rate: float = opt(2e-5, "Peak AdamW learning rate.", group="optimisation")
+    weight_decay: float = opt(0.0, "AdamW weight decay.", group="optimisation")
+    warmup_ratio: float = opt(0.1, "Fraction of steps with linear warm-up.", group="optimisation")
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = opt(
+        "linear", "Learning-rate schedule after warm-up.", group="optimisation")
+    max_grad_norm: float | None = opt(None, "Clip the gradient norm to this value (None: no clipping).",
+                                      group="optimisation")
+    num_epochs: int = opt(1, "Passes over the examples.", group="optimisation")
+    max_train_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides num_epochs).",
+                                      group="optimisation")
+    per_device_train_batch_size: int = opt(8, "Preference pairs per device per micro-batch.",
+                                           group="optimisation")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", group="optimisation")
+    group_by_length: bool = opt(True, "Group pairs of similar length into the same optimizer batches "
+                                "(seeded; cuts padding).", group="optimisation")
+    load_balancing_loss: bool = opt(False, "Add the MoE router load-balancing loss (e.g. OLMoE); logs aux_loss.",
+                                    group="loss")
+    load_balancing_weight: float = opt(0.001, "Weight of the load-balancing loss.", group="loss")
+    use_lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights.", group="lora")
+    lora_rank: int = opt(64, "LoRA rank.", group="lora")
+    lora_alpha: float = opt(16.0, "LoRA alpha.", group="lora")
+    lora_dropout: float = opt(0.1, "LoRA dropout.", group="lora")
+    lora_target_modules: list[str] = opt(factory=lambda: ["all-linear"], help="Modules that get adapters "
+                                         "(peft names; all-linear: every linear layer but the output head).",
+                                         group="lora")
+    merge_lora: bool = opt(False, "Save merged full weights instead of the adapter.", group="lora")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
+                                       group="optimisation")
+    logging_steps: int = opt(1, "Log metrics every this many optimizer steps.", group="training")
+    with_tracking: bool = opt(False, "Also send metrics to the trackers of --report_to.", group="tracking")
+    report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="Trackers: tensorboard and/or wandb "
+                               "(WANDB_MODE=offline works without network).", group="tracking")
+    wandb_project: str = opt("dpocache", "Tracker project name.", group="tracking")
+    wandb_entity: str | None = opt(None, "wandb entity (team or user).", group="tracking")
+    run_name: str | None = opt(None, "Tracker run name (default: the output directory's name).", group="tracking")
+    checkpointing_steps: int | None = opt(500, "Save a resumable checkpoint every this many optimizer steps "
+                                          "(None: never).", group="checkpoints")
+    checkpoint_at_epoch_end: bool = opt(False, "Also save a checkpoint at the end of each epoch.",
+                                        group="checkpoints")
+    keep_last_n_checkpoints: int = opt(3, "Complete checkpoints to keep (the newest is never deleted).",
+                                       group="checkpoints")
+    resume_from_checkpoint: str | None = opt(None, "Checkpoint directory to resume from, or `auto` for the "
+                                             "newest complete one in output_dir.", group="checkpoints")
+    seed: int = opt(42, "Seed of data order and initialisation.", group="training")
+    push_to_hub: bool = opt(False, "Upload the saved model (weights, config, tokenizer, model card) to the "
+                            "Hugging Face Hub after training; the token comes from HF_TOKEN or `hf auth login`.",
+                            group="hub")
+    hf_repo_id: str | None = opt(None, "Hub repository to push to: `org/name` or `name` (your namespace).",
+                                 group="hub")
+    hf_repo_revision: str | None = opt(None, "Branch to push to (created when missing; default: main).",
+                                       group="hub")
+    hf_private: bool = opt(True, "Create the Hub repository private (ignored when it already exists).",
+                           group="hub")
+
+    def __post_init__(self):
+        check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}")
+        check(self.beta > 0, "beta must be > 0")
+        check(0.0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)")
+        check(self.learning_rate >= 0, "learning_rate must be >= 0")
+        check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)")
+        check(self.num_epochs >= 1, "num_epochs must be >= 1")
+        check(self.max_train_steps is None or self.max_train_steps >= 1, "max_train_steps must be >= 1")
+        check(self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1")
+        check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+        check(self.logging_steps >= 1, "logging_steps must be >= 1")
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        check(self.checkpointing_steps is None or self.checkpointing_steps >= 1, "checkpointing_steps must be >= 1")
+        check(self.keep_last_n_checkpoints >= 1, "keep_last_n_checkpoints must be >= 1")
+        bad = sorted(set(self.report_to) - {"tensorboard", "wandb"})
+        check(not bad, f"report_to: unknown tracker(s) {bad} (tensorboard, wandb)")
+        check(not self.push_to_hub or self.hf_repo_id is not None, "push_to_hub needs --hf_repo_id (org/name)")
+        if self.hf_repo_id is not None:
+            check(valid_repo_id(self.hf_repo_id), f"hf_repo_id: {self.hf_repo_id!r} is not a Hub repository id "
+                  "(expected `org/name` or `name`: letters, digits, '-', '_', '.'; at most 96 characters each)")
+        if self.hf_repo_revision is not None:
+            check(valid_branch(self.hf_repo_revision), f"hf_repo_revision: {self.hf_repo_revision!r} is not a "
+                  "branch name (no spaces, '..', '~', '^', ':', '\\', leading or trailing '/', or refs/ prefix)")
+
+
+_REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
+
+
+def valid_repo_id(repo_id: str) -> bool:
+    """``org/name`` or ``name`` with the Hub's name rules (no ``--`` or ``..``, no ``.git`` suffix)."""
+    parts = repo_id.split("/")
+    return (len(parts) in (1, 2) and all(_REPO_PART.fullmatch(p) for p in parts)
+            and "--" not in repo_id and ".." not in repo_id and not repo_id.endswith(".git"))
+
+
+def valid_branch(name: str) -> bool:
+    """A git branch name the Hub accepts (a subset of git's ref-name rules)."""
+    bad = any(ch.isspace() or ch in "~^:?*[\\" for ch in name)
+    return bool(name) and not bad and ".." not in name and not name.startswith(("/", "refs/", "-")) \
+        and not name.endswith(("/", ".lock", ".")) and "//" not in name and "@{" not in name

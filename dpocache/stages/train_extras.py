@@ -1,0 +1,60 @@
+"""Stage two's supporting pieces: trackers, LoRA, gradient clipping and metric reduction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dpocache.config import ConfigError
+from dpocache.modeling import ModelConfig
+from dpocache.stages.train_config import TrainConfig
+
+
+def start_trackers(acc, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Initialise accelerate's trackers with the run's configuration (no secrets are logged)."""
+    from dpocache.config import to_dict
+
+    config = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+              for k, v in to_dict(model_cfg, cfg).items()}
+    name = cfg.run_name or Path(cfg.output_dir).resolve().name
+    kwargs = {"wandb": {"name": name, "dir": str(Path(cfg.output_dir).resolve())}}
+    if cfg.wandb_entity:
+        kwargs["wandb"]["entity"] = cfg.wandb_entity
+    try:
+        acc.init_trackers(cfg.wandb_project, config=config, init_kwargs=kwargs)
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise ConfigError(f"--with_tracking --report_to {' '.join(cfg.report_to)}: tracker not installed ({exc}); "
+                          "pip install 'dpocache[tracking]'") from None
+
+
+def add_lora(model, cfg: TrainConfig):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("--use_lora needs peft: pip install 'dpocache[lora]'") from None
+    targets = cfg.lora_target_modules
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def clip_grad(acc, logp_model, max_norm: float | None) -> float | None:
+    """Clip (when asked) and return the global gradient norm before clipping."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        engine = logp_model
+        norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+        return None if norm is None else float(norm)
+    norm = acc.clip_grad_norm_(logp_model.parameters(), max_norm if max_norm else float("inf"))
+    return float(norm)
+
+
+def reduce_metrics(acc, metrics: dict[str, float]) -> dict[str, float]:
+    if acc.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=acc.device)
+    values = acc.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist()))
