@@ -25,7 +25,7 @@ def _classes(command: str) -> list[type]:
 
     return {
         "score": [ModelConfig, DataConfig, ScoreConfig, VLLMOptions],
-        "train": [ModelConfig, TrainConfig],
+        "train": [ModelConfig, DataConfig, TrainConfig],
         "run": [ModelConfig, DataConfig, ScoreConfig, VLLMOptions, TrainConfig, RunConfig],
         "data": [DataConfig],
     }[command]
@@ -33,7 +33,8 @@ def _classes(command: str) -> list[type]:
 
 DESCRIPTIONS = {
     "score": "Stage one: score a preference dataset with a frozen reference model into a reference store.",
-    "train": "Stage two: train the policy from a reference store (only the policy model is loaded).",
+    "train": "Stage two: train the policy from a reference store (only the policy model is loaded); "
+             "reference-free losses (simpo) can also train from --dataset/--mixer_list directly.",
     "run": "Both stages: score what the store lacks, train, evaluate on held-out pairs, summarise. "
            "With no arguments: the embedded SmolLM2-135M-Instruct and preference dataset.",
     "data": "Validate and summarise a dataset or mixture without any model.",
@@ -109,8 +110,8 @@ def _cmd_train(args) -> int:
     configs = _configs(args)
     if _dry_run(args, configs):
         return 0
-    model_cfg, train_cfg = configs
-    run_train(model_cfg, train_cfg)
+    model_cfg, data_cfg, train_cfg = configs
+    run_train(model_cfg, train_cfg, data_cfg=data_cfg)
     _destroy_process_group()
     return 0
 
@@ -193,9 +194,10 @@ def _destroy_process_group() -> None:
 def _known_errors() -> tuple[type, ...]:
     from dpocache.artifacts import StoreError
     from dpocache.data import DataError
+    from dpocache.hub import HubError
     from dpocache.modeling import ModelLoadError
 
-    return (ConfigError, DataError, StoreError, ModelLoadError)
+    return (ConfigError, DataError, StoreError, ModelLoadError, HubError)
 
 
 def main(argv: list[str] | None = None) -> int:

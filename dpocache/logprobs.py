@@ -44,15 +44,24 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape
     return out.index_put((rows, cols), values)
 
 
-def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         mask: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, router_logits: bool = False):
+def _forward_kwargs(position_ids: torch.Tensor | None, router_logits: bool) -> dict:
+    extra: dict = {"output_router_logits": True} if router_logits else {}
+    if position_ids is not None:
+        extra["position_ids"] = position_ids
+    return extra
+
+
+def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         mask: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, router_logits: bool = False,
+                         position_ids: torch.Tensor | None = None):
     """``[B, T]`` fp32: log p(ids[b, t] | ids[b, :t]) where ``mask[b, t]``, else 0 (fast path).
 
-    With ``router_logits`` (MoE models) returns ``(logps, router_logits)``.
+    With ``router_logits`` (MoE models) returns ``(logps, router_logits)``. ``attention_mask=None`` with
+    ``position_ids`` restarting at 0 is a packed row (see :mod:`dpocache.packing`).
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    extra = {"output_router_logits": True} if router_logits else {}
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                  **_forward_kwargs(position_ids, router_logits))
     hidden = out[0]
     rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
     values = _chunked_head_logps(head, hidden[rows, cols], input_ids[rows, cols + 1], chunk)
@@ -60,11 +69,11 @@ def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_ma
     return (logps, out.router_logits) if router_logits else logps
 
 
-def full_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     mask: torch.Tensor, *, router_logits: bool = False):
+def full_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     mask: torch.Tensor, *, router_logits: bool = False, position_ids: torch.Tensor | None = None):
     """Reference implementation through the model's own forward (full logits)."""
-    extra = {"output_router_logits": True} if router_logits else {}
-    result = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    result = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   **_forward_kwargs(position_ids, router_logits))
     logits = result.logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
@@ -112,13 +121,18 @@ class TokenLogps(nn.Module):
         self.chunk = chunk
         self.load_balancing = load_balancing
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor):
-        """Per-token log-probs; with ``load_balancing`` (MoE) a tuple ``(logps, router aux loss)``."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None):
+        """Per-token log-probs; with ``load_balancing`` (MoE) a tuple ``(logps, router aux loss)``.
+
+        A packed row (:mod:`dpocache.packing`) passes ``attention_mask=None`` and its ``position_ids``.
+        """
         if self.selected:
             out = selected_token_logps(self.model, input_ids, attention_mask, mask, chunk=self.chunk,
-                                       router_logits=self.load_balancing)
+                                       router_logits=self.load_balancing, position_ids=position_ids)
         else:
-            out = full_token_logps(self.model, input_ids, attention_mask, mask, router_logits=self.load_balancing)
+            out = full_token_logps(self.model, input_ids, attention_mask, mask, router_logits=self.load_balancing,
+                                   position_ids=position_ids)
         if not self.load_balancing:
             return out
         logps, router = out

@@ -12,21 +12,29 @@ import yaml
 from dpocache import __version__
 
 
-def write_model_card(out_dir: str | Path, *, base_model: str, train_cfg, store_root: str | Path,
-                     store_identity: dict, list_name: str, examples: int, final_metrics: dict) -> Path:
-    """Write ``README.md``: training config, reference store identity and final metrics."""
+def write_model_card(out_dir: str | Path, *, base_model: str, train_cfg, store_root: str | Path | None,
+                     store_identity: dict | None, list_name: str, examples: int, final_metrics: dict) -> Path:
+    """Write ``README.md``: training config, reference store identity (when there is one) and final metrics."""
     out = Path(out_dir)
     config = {k: v for k, v in dataclasses.asdict(train_cfg).items()}
-    front = {"library_name": "transformers", "tags": ["dpo", "dpocache"], "base_model": str(base_model)}
+    front = {"library_name": "transformers", "tags": ["dpo", "dpocache"]}
+    if not Path(str(base_model)).expanduser().exists():  # Hub metadata names a Hub model, never a local directory
+        front["base_model"] = str(base_model)
+    if store_root is None:
+        source = f"example list `{list_name}`, tokenized from the training data: the loss is reference-free"
+        provenance = ["## Reference", "", "None: no reference model and no reference store were used.", ""]
+    else:
+        source = f"example list `{list_name}` of the reference store"
+        provenance = ["## Reference store identity", "", f"Store: `{Path(store_root).name}`", "", "```json",
+                      json.dumps(store_identity, indent=2, sort_keys=True), "```", ""]
     text = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {out.resolve().name}", "",
         f"Trained with dpocache {__version__} from `{base_model}` with the `{train_cfg.loss_type}` "
-        f"preference loss on {examples} pairs (example list `{list_name}` of the reference store).", "",
+        f"preference loss on {examples} pairs ({source}).", "",
         "## Final metrics", "", "| metric | value |", "| --- | --- |",
         *[f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in final_metrics.items()],
-        "", "## Reference store identity", "", f"Store: `{Path(store_root).name}`", "", "```json",
-        json.dumps(store_identity, indent=2, sort_keys=True), "```", "",
+        "", *provenance,
         "## Training configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```", "",
     ]
     path = out / "README.md"

@@ -1,7 +1,8 @@
 """`dpocache run`: stage one where the store lacks examples, stage two, held-out evaluation, summary.
 
 The two stages meet only here and in the store: stage one returns where it wrote (store path and
-example-list names), stage two reads from there.
+example-list names), stage two reads from there. A reference-free loss (simpo) skips stage one
+entirely: no reference model is loaded, no store is written, and stage two tokenizes the data itself.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpocache.config import ConfigError, check, opt, to_dict
-from dpocache.plotting import plot_metrics
 from dpocache.data import DataConfig
+from dpocache.hub import check_hub_access, push_output
+from dpocache.losses import REFERENCE_FREE
 from dpocache.modeling import ModelConfig
+from dpocache.plotting import plot_metrics
+from dpocache.stages.examples import examples_from_data
 from dpocache.stages.score import ScoreConfig, run_score
 from dpocache.stages.train import TrainConfig, evaluate, load_examples, run_train
 
@@ -25,7 +29,8 @@ from dpocache.stages.train import TrainConfig, evaluate, load_examples, run_trai
 class RunConfig:
     heldout_dataset: str | None = opt(
         None, "Held-out preference data (same formats as --dataset): scored in stage one, then used to "
-        "measure the trained policy's reward accuracy and margin against the reference.", group="run")
+        "measure the trained policy's reward accuracy and margin against the reference (reference-free "
+        "losses: the policy's own preference accuracy and log-prob margin).", group="run")
     eval_batch_size: int = opt(8, "Pairs per forward pass in the held-out evaluation.", group="run")
 
     def __post_init__(self):
@@ -68,72 +73,137 @@ def _atomic_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class StageOne:
+    """What stage one left for stage two (or why it did not run)."""
+
+    store: str | None
+    list_name: str | None
+    heldout_list: str | None
+    examples: int = 0
+    scored: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    skip_reason: str | None = None  # why stage one was skipped; None when it scored something
+
+
+def heldout_data(data_cfg: DataConfig, run_cfg: RunConfig) -> DataConfig | None:
+    """The held-out data as a one-source DataConfig with the training data's settings."""
+    if not run_cfg.heldout_dataset:
+        return None
+    return dataclasses.replace(data_cfg, dataset=run_cfg.heldout_dataset, mixer_list=[],
+                               mixer_list_splits=data_cfg.mixer_list_splits[:1], max_train_samples=None)
+
+
+def stage_one(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, held_data: DataConfig | None,
+              vllm_options, *, progress=True, log=print) -> StageOne:
+    """Score what the store lacks of the training and held-out data."""
+    first = run_score(model_cfg, data_cfg, score_cfg, vllm_options, progress=progress, log=log)
+    heldout = None
+    if held_data is not None:
+        held_score = dataclasses.replace(score_cfg, store=first.store, store_dataset=f"{first.list_name}-heldout")
+        heldout = run_score(model_cfg, held_data, held_score, vllm_options, progress=progress, log=log)
+    scored = first.scored + (heldout.scored if heldout else 0)
+    _barrier()  # under a multi-process launch, every rank's part must be in the store before training
+    return StageOne(first.store, first.list_name, heldout.list_name if heldout else None, first.examples, scored,
+                    first.reused + (heldout.reused if heldout else 0),
+                    first.seconds + (heldout.seconds if heldout else 0),
+                    None if scored else "every example already scored")
+
+
+def skip_stage_one(train_cfg: TrainConfig, score_cfg: ScoreConfig, *, log=print) -> StageOne:
+    """A reference-free loss needs no reference: no reference model is loaded and no store is written."""
+    reason = f"the {train_cfg.loss_type} loss is reference-free: no reference model, no store"
+    log(f"stage one: skipped ({reason})" + ("; --store is not used" if score_cfg.store else ""))
+    return StageOne(None, None, None, skip_reason=reason)
+
+
 def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, train_cfg: TrainConfig,
         run_cfg: RunConfig, vllm_options=None, *, progress=True, log=print) -> dict:
     t_start = time.perf_counter()
     apply_embedded_defaults(model_cfg, data_cfg, run_cfg, log=log)
-
-    first = run_score(model_cfg, data_cfg, score_cfg, vllm_options, progress=progress, log=log)
-    heldout = None
-    if run_cfg.heldout_dataset:
-        held_data = dataclasses.replace(data_cfg, dataset=run_cfg.heldout_dataset, mixer_list=[],
-                                        mixer_list_splits=data_cfg.mixer_list_splits[:1],
-                                        max_train_samples=None)
-        held_score = dataclasses.replace(score_cfg, store=first.store,
-                                         store_dataset=f"{first.list_name}-heldout")
-        heldout = run_score(model_cfg, held_data, held_score, vllm_options, progress=progress, log=log)
-    skipped = first.scored == 0 and (heldout is None or heldout.scored == 0)
-    _barrier()  # under a multi-process launch, every rank's part must be in the store before training
-
-    train_cfg = dataclasses.replace(train_cfg, store=first.store, store_dataset=first.list_name)
+    check_hub_access(train_cfg, log=log)  # --push_to_hub without a token: fail before any work
+    held_data = heldout_data(data_cfg, run_cfg)
+    if train_cfg.loss_type in REFERENCE_FREE:
+        first = skip_stage_one(train_cfg, score_cfg, log=log)
+        train_cfg = dataclasses.replace(train_cfg, store=None, store_dataset=None)
+    else:
+        first = stage_one(model_cfg, data_cfg, score_cfg, held_data, vllm_options, progress=progress, log=log)
+        train_cfg = dataclasses.replace(train_cfg, store=first.store, store_dataset=first.list_name)
     t_train = time.perf_counter()
-    state = run_train(model_cfg, train_cfg, progress=progress, log=log)
+    state = run_train(model_cfg, train_cfg, data_cfg=data_cfg if first.store is None else None, push=False,
+                      progress=progress, log=log)
     train_seconds = time.perf_counter() - t_train
 
     summary = {
         "output_dir": str(Path(train_cfg.output_dir).resolve()),
         "store": first.store,
-        "store_dataset": first.list_name,
-        "stage_one_skipped": skipped,
-        "examples": first.examples,
-        "examples_scored": first.scored + (heldout.scored if heldout else 0),
-        "examples_reused": first.reused + (heldout.reused if heldout else 0),
-        "score_seconds": round(first.seconds + (heldout.seconds if heldout else 0), 2),
+        "store_dataset": state.list_name,
+        "stage_one_skipped": first.skip_reason is not None,
+        "stage_one_skip_reason": first.skip_reason,
+        "examples": first.examples if first.store is not None else len(set(state.examples.hashes)),
+        "examples_scored": first.scored,
+        "examples_reused": first.reused,
+        "score_seconds": round(first.seconds, 2),
         "train_seconds": round(train_seconds, 2),
         "train_steps": state.total_steps,
         "final_metrics": state.history[-1] if state.history else {},
         "heldout_examples": None,
         "heldout_reward_accuracy": None,
         "heldout_reward_margin": None,
+        "heldout_policy_preference_accuracy": None,
+        "heldout_policy_logp_margin": None,
     }
-    if heldout is not None and state.accelerator.is_main_process:
-        held = load_examples(state.store, state.store.get_list(heldout.list_name), allow_missing=False)
-        policy = state.accelerator.unwrap_model(state.logp_model)  # rank 0 alone: no DDP collectives
-        metrics = evaluate(policy, held, state.tokenizer.pad_token_id, loss_type=train_cfg.loss_type,
-                           beta=train_cfg.beta, batch_size=run_cfg.eval_batch_size,
-                           device=state.accelerator.device)
-        summary.update(heldout_examples=len(held), heldout_reward_accuracy=metrics["reward_accuracy"],
-                       heldout_reward_margin=metrics["reward_margin"])
-    if state.accelerator.is_main_process:
+    is_main = state.accelerator.is_main_process
+    if held_data is not None and is_main:
+        summary.update(heldout_metrics(state, first, held_data, train_cfg, run_cfg, progress=progress))
+    if is_main:
         try:
             summary["plots"] = [str(p) for p in plot_metrics(train_cfg.output_dir)]
         except ConfigError as exc:
             log(f"plots skipped: {exc}")
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     summary["config"] = to_dict(model_cfg, data_cfg, score_cfg, train_cfg, run_cfg)
-    if state.accelerator.is_main_process:
+    if is_main:
         _atomic_json(Path(train_cfg.output_dir) / "summary.json", summary)
         log(format_summary(summary))
+        if train_cfg.push_to_hub:  # last: everything is saved locally before the network is needed
+            push_output(train_cfg, log=log)
     return summary
+
+
+def heldout_metrics(state, first: StageOne, held_data: DataConfig, train_cfg: TrainConfig, run_cfg: RunConfig,
+                    *, progress=True) -> dict:
+    """Measure the trained policy on the held-out pairs (rank 0 alone: no DDP collectives).
+
+    Against the stored reference: reward accuracy and margin. Reference-free (no store): the policy's
+    own preference accuracy (chosen has the higher average log-prob) and average log-prob margin.
+    """
+    if first.store is None:
+        _, held = examples_from_data(held_data, state.tokenizer, progress=progress)
+    else:
+        held = load_examples(state.store, state.store.get_list(first.heldout_list), allow_missing=False)
+    policy = state.accelerator.unwrap_model(state.logp_model)
+    metrics = evaluate(policy, held, state.tokenizer.pad_token_id, loss_type=train_cfg.loss_type,
+                       beta=train_cfg.beta, batch_size=run_cfg.eval_batch_size, device=state.accelerator.device)
+    return {"heldout_examples": len(held), **{f"heldout_{k}": v for k, v in metrics.items()}}
 
 
 def format_summary(s: dict) -> str:
     fm = s.get("final_metrics") or {}
+    if s["store"] is None:
+        store_line = f"none (list '{s['store_dataset']}' tokenized from the data)"
+    else:
+        store_line = f"{s['store']}  (list '{s['store_dataset']}')"
+    if s["stage_one_skipped"]:
+        stage_one_line = f"skipped ({s.get('stage_one_skip_reason') or 'every example already scored'})"
+    else:
+        stage_one_line = "ran"
     lines = [
         "",
         "== dpocache run: summary ==",
-        f"store:           {s['store']}  (list '{s['store_dataset']}')",
-        f"stage one:       {'skipped (every example already scored)' if s['stage_one_skipped'] else 'ran'}; "
+        f"store:           {store_line}",
+        f"stage one:       {stage_one_line}; "
         f"{s['examples_scored']} scored, {s['examples_reused']} reused, {s['score_seconds']} s",
         f"stage two:       {s['train_steps']} steps in {s['train_seconds']} s",
         f"model:           {s['output_dir']}",
@@ -144,5 +214,9 @@ def format_summary(s: dict) -> str:
     if s.get("heldout_reward_accuracy") is not None:
         lines.append(f"held-out:        reward accuracy {s['heldout_reward_accuracy']:.3f}, "
                      f"reward margin {s['heldout_reward_margin']:.3f} ({s['heldout_examples']} pairs)")
+    if s.get("heldout_policy_preference_accuracy") is not None:
+        lines.append(f"held-out:        policy preference accuracy {s['heldout_policy_preference_accuracy']:.3f}, "
+                     f"average log-prob margin {s['heldout_policy_logp_margin']:.3f} ({s['heldout_examples']} pairs; "
+                     "no reference)")
     lines.append(f"total time:      {s['total_seconds']} s")
     return "\n".join(lines)

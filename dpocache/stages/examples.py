@@ -1,19 +1,23 @@
-"""Stored examples in training form: loading them from a store, batching them through the policy,
-and measuring a policy against the stored reference (reward accuracy and margin)."""
+"""Examples in training form: loading them from a store (or, for reference-free losses, tokenizing
+the data directly), batching them through the policy, and measuring a policy on them (reward accuracy
+and margin against the stored reference; preference accuracy and log-prob margin without one)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from dpocache.artifacts import ReferenceStore
-from dpocache.artifacts.identity import tokenizer_fingerprint
+from dpocache.artifacts.identity import text_fingerprint, tokenizer_fingerprint
 from dpocache.config import ConfigError
+from dpocache.data import DataConfig, load_preference_data, prepare_tokenizer
 from dpocache.logprobs import pad_batch
-from dpocache.losses import SequenceLogps
+from dpocache.losses import REFERENCE_FREE, SequenceLogps
 from dpocache.modeling import ModelConfig, load_tokenizer
+from dpocache.packing import pack_batch, sequence_sums
 
 EXAMPLE_COLUMNS = ["hash", "chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask",
                    "ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens"]
@@ -22,14 +26,16 @@ EXAMPLE_COLUMNS = ["hash", "chosen_input_ids", "chosen_mask", "rejected_input_id
 
 @dataclass
 class Examples:
-    """Stored examples in training form (host memory, only the columns training needs)."""
+    """Examples in training form (host memory, only the columns training needs), in training-list order."""
 
     chosen_ids: list
     chosen_mask: list
     rejected_ids: list
     rejected_mask: list
-    reference: np.ndarray  # [N, 4]: ref chosen sum, ref rejected sum, chosen count, rejected count
+    reference: np.ndarray | None  # [N, 4]: ref chosen sum, ref rejected sum, chosen count, rejected count;
+    #                               None: tokenized from the data for a reference-free loss (no store)
     missing: int = 0
+    hashes: list = field(default_factory=list)  # example hash of each row
 
     def __len__(self) -> int:
         return len(self.chosen_ids)
@@ -45,7 +51,69 @@ def load_examples(store: ReferenceStore, hashes: list[str], *, allow_missing: bo
     ref = np.stack([table[c].to_numpy().astype(np.float64) for c in
                     ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens")], 1)
     return Examples(table["chosen_input_ids"].to_pylist(), table["chosen_mask"].to_pylist(),
-                    table["rejected_input_ids"].to_pylist(), table["rejected_mask"].to_pylist(), ref, missing)
+                    table["rejected_input_ids"].to_pylist(), table["rejected_mask"].to_pylist(), ref, missing,
+                    table["hash"].to_pylist())
+
+
+def examples_from_data(data_cfg: DataConfig, tokenizer, *, progress: bool = True) -> tuple[str, Examples]:
+    """(list name, Examples without reference values) of ``data_cfg``, tokenized by the data layer.
+
+    ``tokenizer`` must have been through :func:`dpocache.data.prepare_tokenizer`.
+    """
+    prepared = load_preference_data(data_cfg, tokenizer, progress=progress)
+    sides = ["chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask"]
+    columns = prepared.dataset.select_columns(["hash", *sides]).to_dict()
+    position = {h: k for k, h in enumerate(columns["hash"])}
+    order = [position[h] for h in prepared.hashes]
+    c_ids, c_mask, r_ids, r_mask = ([columns[c][k] for k in order] for c in sides)
+    return prepared.name, Examples(c_ids, c_mask, r_ids, r_mask, None, 0, list(prepared.hashes))
+
+
+def data_tokenizer(model_cfg: ModelConfig, data_cfg: DataConfig):
+    """The policy's tokenizer (or --tokenizer_name_or_path) prepared as the data layer prepares it."""
+    tok = load_tokenizer(data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path,
+                         revision=model_cfg.model_revision, trust_remote_code=model_cfg.trust_remote_code)
+    tok, _ = prepare_tokenizer(tok, data_cfg)
+    return tok
+
+
+def load_training_data(model_cfg: ModelConfig, cfg, data_cfg: DataConfig | None = None, *, log=print):
+    """Where stage two's examples come from: ``(store or None, list name, Examples, tokenizer)``.
+
+    With ``--store``: the store's example list, and the policy's tokenizer set up as stage one set it
+    up. Without a store, a reference-free loss (simpo) tokenizes ``--dataset``/``--mixer_list`` itself;
+    any other loss needs the reference values of a store.
+    """
+    if cfg.store is None:
+        if cfg.loss_type not in REFERENCE_FREE:
+            raise ConfigError(f"loss_type {cfg.loss_type} compares the policy with the reference: pass --store (a "
+                              "store written by `dpocache score`); only reference-free losses "
+                              f"({', '.join(sorted(REFERENCE_FREE))}) can train from --dataset without a store")
+        if data_cfg is None or not data_cfg.mixture():
+            raise ConfigError(f"train needs --store, or (the {cfg.loss_type} loss is reference-free) the data "
+                              "itself: --dataset or --mixer_list")
+        tokenizer = data_tokenizer(model_cfg, data_cfg)
+        name, examples = examples_from_data(data_cfg, tokenizer)
+        log(f"stage two: {cfg.loss_type} is reference-free: {len(examples)} examples tokenized from the data "
+            "(no store)")
+        return None, cfg.store_dataset or name, examples, tokenizer
+    if data_cfg is not None and data_cfg.mixture():
+        log(f"stage two: examples come from the store {cfg.store}; --dataset/--mixer_list are not used")
+    store = ReferenceStore.open(cfg.store, verify=cfg.verify_store)
+    name = pick_list(store, cfg.store_dataset)
+    examples = load_examples(store, store.get_list(name), allow_missing=cfg.allow_missing)
+    if examples.missing:
+        log(f"stage two: {examples.missing} listed examples are missing from the store and were dropped")
+    if len(examples) == 0:
+        raise ConfigError(f"example list '{name}' of {store.root} is empty")
+    return store, name, examples, policy_tokenizer(model_cfg, store)
+
+
+def data_fingerprint(store: ReferenceStore | None, examples: Examples) -> str:
+    """What a resumed run must train on: the store's reference identity, or (no store) the example list."""
+    if store is not None:
+        return text_fingerprint(json.dumps(store.identity, sort_keys=True))
+    return text_fingerprint("examples:" + "\n".join(examples.hashes))
 
 
 def pick_list(store: ReferenceStore, name: str | None) -> str:
@@ -79,30 +147,48 @@ def policy_tokenizer(model_cfg: ModelConfig, store: ReferenceStore):
     return tok
 
 
-def forward_batch(logp_model, ex: Examples, idx, pad_id: int, device):
-    """Concatenated forward of chosen + rejected; returns policy and reference SequenceLogps."""
+def forward_batch(logp_model, ex: Examples, idx, pad_id: int, device, packing: bool = False):
+    """Concatenated forward of chosen + rejected; returns policy and reference SequenceLogps, the number of
+    non-pad tokens and the MoE aux loss (or None). With ``packing`` the 2B sequences run as one padding-free
+    row (:mod:`dpocache.packing`); the results are the same."""
     seqs = [ex.chosen_ids[i] for i in idx] + [ex.rejected_ids[i] for i in idx]
     masks = [ex.chosen_mask[i] for i in idx] + [ex.rejected_mask[i] for i in idx]
-    ids, attn, tmask = pad_batch(seqs, masks, pad_id, device=device)
-    per_token = logp_model(ids, attn, tmask)
+    if packing:
+        packed = pack_batch(seqs, masks, device=device)
+        per_token = logp_model(packed.input_ids, None, packed.mask, packed.position_ids)
+    else:
+        ids, attn, tmask = pad_batch(seqs, masks, pad_id, device=device)
+        per_token = logp_model(ids, attn, tmask)
     aux = None
     if isinstance(per_token, tuple):
         per_token, aux = per_token
-    sums, counts = per_token.sum(-1), tmask.sum(-1)
+    if packing:
+        (sums, counts), ntok = sequence_sums(per_token, packed), packed.num_tokens
+    else:
+        sums, counts, ntok = per_token.sum(-1), tmask.sum(-1), int(attn.sum())
     b = len(idx)
     policy = SequenceLogps(sums[:b], sums[b:], counts[:b], counts[b:])
-    ref = torch.as_tensor(ex.reference[np.asarray(idx)], dtype=torch.float32, device=device)
-    reference = SequenceLogps(ref[:, 0], ref[:, 1], ref[:, 2], ref[:, 3])
-    return policy, reference, int(attn.sum()), aux
+    reference = None
+    if ex.reference is not None:  # None: a reference-free loss trained without a store
+        ref = torch.as_tensor(ex.reference[np.asarray(idx)], dtype=torch.float32, device=device)
+        reference = SequenceLogps(ref[:, 0], ref[:, 1], ref[:, 2], ref[:, 3])
+    return policy, reference, ntok, aux
 
 
 @torch.no_grad()
 def evaluate(logp_model, examples: Examples, pad_id: int, *, loss_type: str, beta: float,
              batch_size: int = 8, device="cpu") -> dict[str, float]:
-    """Reward accuracy and margin of the policy against the stored reference on ``examples``."""
+    """The policy measured on ``examples``.
+
+    Against the stored reference: ``reward_accuracy`` and ``reward_margin`` (beta-scaled log-ratio
+    differences, as the loss sees them). For a reference-free loss (no reference to compare with):
+    ``policy_preference_accuracy``, the fraction of pairs whose chosen side has the higher average
+    log-prob per token, and ``policy_logp_margin``, the mean of avg chosen - avg rejected log-prob.
+    """
     from dpocache.losses import AVERAGED
 
-    averaged = loss_type in AVERAGED
+    free = loss_type in REFERENCE_FREE or examples.reference is None
+    averaged = free or loss_type in AVERAGED
     was_training = logp_model.training
     logp_model.eval()
     correct, margins = [], []
@@ -110,9 +196,15 @@ def evaluate(logp_model, examples: Examples, pad_id: int, *, loss_type: str, bet
         idx = list(range(start, min(start + batch_size, len(examples))))
         policy, reference, _, _ = forward_batch(logp_model, examples, idx, pad_id, device)
         pc, pr = policy.pick(averaged)
-        rc, rr = reference.pick(averaged)
-        margin = beta * ((pc - rc) - (pr - rr))
+        if free:
+            margin = pc - pr
+        else:
+            rc, rr = reference.pick(averaged)
+            margin = beta * ((pc - rc) - (pr - rr))
         margins.append(margin)
         correct.append((margin > 0).float())
     logp_model.train(was_training)
-    return {"reward_accuracy": torch.cat(correct).mean().item(), "reward_margin": torch.cat(margins).mean().item()}
+    accuracy, mean_margin = torch.cat(correct).mean().item(), torch.cat(margins).mean().item()
+    if free:
+        return {"policy_preference_accuracy": accuracy, "policy_logp_margin": mean_margin}
+    return {"reward_accuracy": accuracy, "reward_margin": mean_margin}

@@ -7,7 +7,6 @@ margin of a policy on a list of stored examples.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,16 +16,18 @@ import torch
 from tqdm.auto import tqdm
 
 from dpocache.artifacts import ReferenceStore
-from dpocache.artifacts.identity import text_fingerprint
 from dpocache.batching import epoch_order, micro_batches
 from dpocache.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from dpocache.config import ConfigError, check
+from dpocache.config import check
+from dpocache.data import DataConfig
+from dpocache.hub import check_hub_access, push_output
 from dpocache.logprobs import TokenLogps
-from dpocache.losses import REFERENCE_FREE, batch_metrics, preference_loss
+from dpocache.losses import batch_metrics, preference_loss
 from dpocache.model_card import write_model_card
 from dpocache.modeling import ModelConfig, load_causal_lm, resize_for_tokenizer
-from dpocache.stages.examples import (Examples, evaluate, forward_batch, load_examples, pick_list,
-                                      policy_tokenizer)
+from dpocache.packing import require_packing
+from dpocache.stages.examples import (Examples, data_fingerprint, evaluate, forward_batch, load_examples,
+                                      load_training_data)
 from dpocache.stages.train_config import TrainConfig
 from dpocache.stages.train_extras import add_lora, clip_grad, reduce_metrics, start_trackers
 from dpocache.tracking import JsonlWriter, MetricAverager, format_line
@@ -38,7 +39,7 @@ __all__ = ["TrainConfig", "TrainState", "setup", "train", "save", "evaluate", "l
 class TrainState:
     model_cfg: ModelConfig
     cfg: TrainConfig
-    store: ReferenceStore
+    store: ReferenceStore | None  # None: a reference-free loss trained from the data
     list_name: str
     examples: Examples
     tokenizer: object
@@ -54,7 +55,7 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
+def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None, log=print) -> TrainState:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -64,16 +65,7 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with=cfg.report_to if cfg.with_tracking else None, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
-    if cfg.loss_type in REFERENCE_FREE and cfg.store is None:
-        raise ConfigError("reference-free training reads its examples from a store too: pass --store")
-    check(cfg.store is not None, "train needs --store")
-    store = ReferenceStore.open(cfg.store, verify=cfg.verify_store)
-    name = pick_list(store, cfg.store_dataset)
-    examples = load_examples(store, store.get_list(name), allow_missing=cfg.allow_missing)
-    if examples.missing:
-        log(f"stage two: {examples.missing} listed examples are missing from the store and were dropped")
-    check(len(examples) > 0, f"example list '{name}' of {store.root} is empty")
-    tokenizer = policy_tokenizer(model_cfg, store)
+    store, name, examples, tokenizer = load_training_data(model_cfg, cfg, data_cfg, log=log)
     model = load_causal_lm(model_cfg, train=True)
     resize_for_tokenizer(model, tokenizer)
     if cfg.gradient_checkpointing:
@@ -81,6 +73,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
     if cfg.use_lora:
         model = add_lora(model, cfg)
     logp_model = TokenLogps(model, load_balancing=cfg.load_balancing_loss)
+    if cfg.packing:
+        require_packing(logp_model, device=accelerator.device)
     world = accelerator.num_processes
     micro_per_epoch = math.ceil(len(examples) / (cfg.per_device_train_batch_size * world))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps))
@@ -90,7 +84,7 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
     scheduler = get_scheduler(cfg.lr_scheduler_type if cfg.lr_scheduler_type != "constant"
                               else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
-    settings = resume_settings(cfg, store, name, len(examples), world, total)
+    settings = resume_settings(cfg, store, name, examples, world, total)
     start_step = 0
     ckpt = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if ckpt is not None:
@@ -109,15 +103,15 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, log=print) -> TrainState:
 RESUME_FIELDS = ("loss_type", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "learning_rate",
                  "weight_decay", "warmup_ratio", "lr_scheduler_type", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "seed", "max_grad_norm", "group_by_length", "use_lora", "lora_rank",
-                 "load_balancing_loss")
+                 "load_balancing_loss", "packing")
 
 
-def resume_settings(cfg: TrainConfig, store: ReferenceStore, list_name: str, n: int, world: int,
+def resume_settings(cfg: TrainConfig, store: ReferenceStore | None, list_name: str, examples: Examples, world: int,
                     total: int) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
     settings = {k: getattr(cfg, k) for k in RESUME_FIELDS}
-    settings.update(store_identity=text_fingerprint(json.dumps(store.identity, sort_keys=True)),
-                    store_dataset=list_name, examples=n, num_processes=world, total_steps=total)
+    settings.update(store_identity=data_fingerprint(store, examples),
+                    store_dataset=list_name, examples=len(examples), num_processes=world, total_steps=total)
     return settings
 
 
@@ -170,7 +164,8 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
             # micro-batch; backward() divides the loss by the accumulation steps (DeepSpeed: the engine).
             with acc.accumulate(state.logp_model):
                 policy, reference, ntok, aux = forward_batch(state.logp_model, state.examples, idx,
-                                                             state.tokenizer.pad_token_id, acc.device)
+                                                             state.tokenizer.pad_token_id, acc.device,
+                                                             packing=cfg.packing)
                 out = preference_loss(cfg.loss_type, policy, reference, beta=cfg.beta,
                                       label_smoothing=cfg.label_smoothing,
                                       gamma_beta_ratio=cfg.gamma_beta_ratio, sft_weight=cfg.sft_weight)
@@ -229,7 +224,8 @@ def save(state: TrainState, *, log=print) -> Path:
         model.save_pretrained(out, safe_serialization=True)
         state.tokenizer.save_pretrained(out)
         write_model_card(out, base_model=state.model_cfg.model_name_or_path, train_cfg=state.cfg,
-                         store_root=state.store.root, store_identity=state.store.identity,
+                         store_root=getattr(state.store, "root", None),
+                         store_identity=getattr(state.store, "identity", None),
                          list_name=state.list_name, examples=len(state.examples),
                          final_metrics=state.history[-1] if state.history else {})
         log(f"stage two: model, tokenizer and model card saved to {out}")
@@ -237,10 +233,19 @@ def save(state: TrainState, *, log=print) -> Path:
     return out
 
 
-def run_train(model_cfg: ModelConfig, cfg: TrainConfig, *, progress=True, log=print) -> TrainState:
-    state = setup(model_cfg, cfg, log=log)
-    log(f"stage two: {len(state.examples)} examples from list '{state.list_name}' of {state.store.root}; "
+def run_train(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None, push: bool = True,
+              progress=True, log=print) -> TrainState:
+    """Setup, train, save; then (``--push_to_hub``, rank 0, unless ``push`` is False) upload the model.
+
+    ``data_cfg`` is the data a reference-free loss trains from when there is no store.
+    """
+    check_hub_access(cfg, log=log)  # no token: fail before any work
+    state = setup(model_cfg, cfg, data_cfg=data_cfg, log=log)
+    source = state.store.root if state.store is not None else "the data (no store)"
+    log(f"stage two: {len(state.examples)} examples from list '{state.list_name}' of {source}; "
         f"{state.total_steps} optimizer steps, loss {cfg.loss_type}")
     train(state, progress=progress, log=log)
     save(state, log=log)
+    if push and cfg.push_to_hub and state.accelerator.is_main_process:
+        push_output(cfg, log=log)
     return state

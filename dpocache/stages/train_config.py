@@ -41,6 +41,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", group="optimisation")
     group_by_length: bool = opt(True, "Group pairs of similar length into the same optimizer batches "
                                 "(seeded; cuts padding).", group="optimisation")
+    packing: bool = opt(False, "Padding-free batches: each micro-batch's sequences run as one row with position "
+                        "ids restarting per sequence (needs a model whose attention honours packed position ids; "
+                        "checked at start-up).", group="optimisation")
     load_balancing_loss: bool = opt(False, "Add the MoE router load-balancing loss (e.g. OLMoE); logs aux_loss.",
                                     group="loss")
     load_balancing_weight: float = opt(0.001, "Weight of the load-balancing loss.", group="loss")
