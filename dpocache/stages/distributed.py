@@ -26,7 +26,10 @@ def make_accelerator(cfg: TrainConfig):
     """The run's Accelerator. On a machine without CUDA, plain and DDP runs use the CPU (gloo); DeepSpeed
     picks its own CPU accelerator (passing ``cpu=True`` would silently turn DeepSpeed off)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # a fresh configuration for each run in this process (the distributed process group itself is kept)
+    AcceleratorState._reset_state()
     deepspeed = deepspeed_requested()
     if deepspeed:
         try:
