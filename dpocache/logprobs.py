@@ -93,7 +93,8 @@ def supports_selected_path(model: nn.Module, *, atol: float = 1e-4) -> bool:
     if decoder is None or decoder is model:
         return False
     device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
+    weight = model.get_output_embeddings().weight
+    vocab = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions keep the full shape in ds_shape
     ids = torch.arange(3, 11, device=device)[None] % vocab
     attn, mask = torch.ones_like(ids), torch.ones_like(ids)
     mask[:, 0] = 0

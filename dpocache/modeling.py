@@ -109,12 +109,24 @@ def resize_for_tokenizer(model, tokenizer) -> bool:
     (stage one) and the policy (stage two), resized in different processes, have identical weights.
     """
     emb = model.get_input_embeddings()
-    old = emb.weight.shape[0]
+    old = emb.num_embeddings  # not weight.shape: DeepSpeed ZeRO-3 partitions the weight at load time
     if len(tokenizer) <= old:
         return False
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        for layer in {id(x): x for x in (model.get_input_embeddings(), model.get_output_embeddings())
-                      if x is not None}.values():
+    layers = {id(x): x for x in (model.get_input_embeddings(), model.get_output_embeddings()) if x is not None}
+    with gathered([layer.weight for layer in layers.values()]), torch.no_grad():
+        for layer in layers.values():
             layer.weight[old:] = layer.weight[:old].mean(dim=0, keepdim=True)
     return True
+
+
+def gathered(params):
+    """Full parameters for in-place edits when DeepSpeed ZeRO-3 has partitioned them (else a no-op); edits made
+    on rank 0 are kept and broadcast when the context exits."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

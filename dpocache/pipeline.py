@@ -22,6 +22,7 @@ from dpocache.modeling import ModelConfig
 from dpocache.plotting import plot_metrics
 from dpocache.stages.examples import examples_from_data
 from dpocache.stages.score import ScoreConfig, run_score
+from dpocache.stages.distributed import zero_stage
 from dpocache.stages.train import TrainConfig, evaluate, load_examples, run_train
 
 
@@ -155,8 +156,12 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
         "heldout_policy_logp_margin": None,
     }
     is_main = state.accelerator.is_main_process
-    if held_data is not None and is_main:
-        summary.update(heldout_metrics(state, first, held_data, train_cfg, run_cfg, progress=progress))
+    # ZeRO-3 keeps parameters partitioned: every rank takes part in the held-out forwards (rank 0 records)
+    every_rank = zero_stage(state.accelerator) == 3
+    if held_data is not None and (is_main or every_rank):
+        held_metrics = heldout_metrics(state, first, held_data, train_cfg, run_cfg, progress=progress)
+        if is_main:
+            summary.update(held_metrics)
     if is_main:
         try:
             summary["plots"] = [str(p) for p in plot_metrics(train_cfg.output_dir)]
@@ -174,7 +179,8 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
 
 def heldout_metrics(state, first: StageOne, held_data: DataConfig, train_cfg: TrainConfig, run_cfg: RunConfig,
                     *, progress=True) -> dict:
-    """Measure the trained policy on the held-out pairs (rank 0 alone: no DDP collectives).
+    """Measure the trained policy on the held-out pairs (rank 0 alone: no DDP collectives; every rank under
+    ZeRO-3, whose forwards gather parameters).
 
     Against the stored reference: reward accuracy and margin. Reference-free (no store): the policy's
     own preference accuracy (chosen has the higher average log-prob) and average log-prob margin.

@@ -8,6 +8,7 @@ margin of a policy on a list of stored examples.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,19 +18,23 @@ from tqdm.auto import tqdm
 
 from dpocache.artifacts import ReferenceStore
 from dpocache.batching import epoch_order, micro_batches
-from dpocache.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from dpocache.checkpoint import (begin_checkpoint, finish_checkpoint, load_checkpoint, load_optimizer_partition,
+                                 resolve_resume, save_rank_state, staging_dir)
 from dpocache.config import check
 from dpocache.data import DataConfig
 from dpocache.hub import check_hub_access, push_output
-from dpocache.logprobs import TokenLogps
+from dpocache.logprobs import TokenLogps, supports_selected_path
 from dpocache.losses import batch_metrics, preference_loss
 from dpocache.model_card import write_model_card
 from dpocache.modeling import ModelConfig, load_causal_lm, resize_for_tokenizer
 from dpocache.packing import require_packing
+from dpocache.stages.distributed import (configure_deepspeed, engine_name, full_state_dict, is_deepspeed,
+                                         make_accelerator, zero_stage)
 from dpocache.stages.examples import (Examples, data_fingerprint, evaluate, forward_batch, load_examples,
                                       load_training_data)
 from dpocache.stages.train_config import TrainConfig
-from dpocache.stages.train_extras import add_lora, clip_grad, reduce_metrics, start_trackers
+from dpocache.stages.train_extras import (add_lora, apply_liger_kernel, clip_grad, enable_gradient_checkpointing,
+                                          reduce_metrics, start_trackers)
 from dpocache.tracking import JsonlWriter, MetricAverager, format_line
 
 __all__ = ["TrainConfig", "TrainState", "setup", "train", "save", "evaluate", "load_examples", "run_train"]
@@ -56,25 +61,28 @@ class TrainState:
 
 
 def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None, log=print) -> TrainState:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     check(model_cfg.model_name_or_path is not None, "train needs --model_name_or_path (the policy)")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              log_with=cfg.report_to if cfg.with_tracking else None, project_dir=cfg.output_dir)
+    accelerator = make_accelerator(cfg)
+    sharded = is_deepspeed(accelerator)
+    check(not (cfg.use_lora and cfg.merge_lora and zero_stage(accelerator) == 3),
+          "--merge_lora is not supported under DeepSpeed ZeRO-3 (parameters are partitioned): save the adapter "
+          "and merge it afterwards, or use ZeRO-2")
     set_seed(cfg.seed)
     store, name, examples, tokenizer = load_training_data(model_cfg, cfg, data_cfg, log=log)
     model = load_causal_lm(model_cfg, train=True)
     resize_for_tokenizer(model, tokenizer)
+    if cfg.use_liger_kernel:
+        apply_liger_kernel(model, log=log)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model, cfg.activation_memory_budget)
     if cfg.use_lora:
         model = add_lora(model, cfg)
-    logp_model = TokenLogps(model, load_balancing=cfg.load_balancing_loss)
-    if cfg.packing:
-        require_packing(logp_model, device=accelerator.device)
+    # the probes (output head, packing) run after prepare: under ZeRO-3 the weights are partitioned until the
+    # engine's hooks gather them
+    logp_model = TokenLogps(model, selected=False, chunk=cfg.logps_chunk_size, load_balancing=cfg.load_balancing_loss)
     world = accelerator.num_processes
     micro_per_epoch = math.ceil(len(examples) / (cfg.per_device_train_batch_size * world))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps))
@@ -84,16 +92,30 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
     scheduler = get_scheduler(cfg.lr_scheduler_type if cfg.lr_scheduler_type != "constant"
                               else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
-    settings = resume_settings(cfg, store, name, examples, world, total)
+    settings = resume_settings(cfg, store, name, examples, accelerator, total)
     start_step = 0
     ckpt = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if ckpt is not None:
-        start_step = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     settings=settings)["step"]
-        log(f"stage two: resumed from {ckpt} at step {start_step}")
+        start_step = load_checkpoint(ckpt, model=model, optimizer=None if sharded else optimizer,
+                                     scheduler=scheduler, settings=settings,
+                                     rank=accelerator.process_index)["step"]
     elif cfg.resume_from_checkpoint == "auto":
         log(f"stage two: no complete checkpoint in {cfg.output_dir}; starting from scratch")
+    if sharded:
+        configure_deepspeed(accelerator, cfg, model.config)
     logp_model, optimizer = accelerator.prepare(logp_model, optimizer)
+    if cfg.fused_logps:
+        with torch.no_grad():
+            accelerator.unwrap_model(logp_model).selected = supports_selected_path(model)
+    if cfg.packing:
+        require_packing(accelerator.unwrap_model(logp_model))
+    path = "chunked, trainable positions only" if accelerator.unwrap_model(logp_model).selected else "full logits"
+    log(f"stage two: engine {engine_name(accelerator)} x {accelerator.num_processes} process(es); log-probs: {path}")
+    if ckpt is not None:
+        if sharded:
+            load_optimizer_partition(ckpt / f"optimizer_rank{accelerator.process_index:05d}.safetensors", optimizer,
+                                     scheduler)
+        log(f"stage two: resumed from {ckpt} at step {start_step}")
     if cfg.with_tracking:
         start_trackers(accelerator, model_cfg, cfg)
     return TrainState(model_cfg, cfg, store, name, examples, tokenizer, model, logp_model, optimizer,
@@ -106,12 +128,13 @@ RESUME_FIELDS = ("loss_type", "beta", "gamma_beta_ratio", "label_smoothing", "sf
                  "load_balancing_loss", "packing")
 
 
-def resume_settings(cfg: TrainConfig, store: ReferenceStore | None, list_name: str, examples: Examples, world: int,
+def resume_settings(cfg: TrainConfig, store: ReferenceStore | None, list_name: str, examples: Examples, acc,
                     total: int) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint."""
     settings = {k: getattr(cfg, k) for k in RESUME_FIELDS}
-    settings.update(store_identity=data_fingerprint(store, examples),
-                    store_dataset=list_name, examples=len(examples), num_processes=world, total_steps=total)
+    settings.update(engine=engine_name(acc), store_identity=data_fingerprint(store, examples),
+                    store_dataset=list_name, examples=len(examples), num_processes=acc.num_processes,
+                    total_steps=total)
     return settings
 
 
@@ -132,13 +155,24 @@ def _micro_batches(state: TrainState, skip: int = 0):
 
 
 def _checkpoint(state: TrainState, step: int) -> None:
-    acc = state.accelerator
+    """Every rank takes part: ZeRO-3 gathers the weights, each rank writes its RNG (and ZeRO optimizer
+    partition), then rank 0 completes and renames the checkpoint."""
+    from accelerate.utils import broadcast_object_list
+
+    acc, cfg = state.accelerator, state.cfg
+    weights = full_state_dict(acc, state.logp_model)
+    owner = broadcast_object_list([os.getpid()])[0] if acc.num_processes > 1 else os.getpid()
+    if acc.is_main_process:
+        tmp = begin_checkpoint(cfg.output_dir, step, owner)
+    acc.wait_for_everyone()
+    tmp = staging_dir(cfg.output_dir, step, owner)
+    sharded = is_deepspeed(acc)
+    save_rank_state(tmp, acc.process_index, sharded_optimizer=state.optimizer if sharded else None)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        model = acc.unwrap_model(state.logp_model).model
-        save_checkpoint(state.cfg.output_dir, step, model_state=model.state_dict(), optimizer=state.optimizer,
-                        scheduler=state.scheduler, settings=state.settings,
-                        keep_last=state.cfg.keep_last_n_checkpoints)
+        finish_checkpoint(cfg.output_dir, tmp, step, model_state=weights,
+                          optimizer=None if sharded else state.optimizer, scheduler=state.scheduler,
+                          settings=state.settings, keep_last=cfg.keep_last_n_checkpoints)
     acc.wait_for_everyone()
 
 
@@ -216,12 +250,13 @@ def save(state: TrainState, *, log=print) -> Path:
     acc = state.accelerator
     out = Path(state.cfg.output_dir)
     acc.wait_for_everyone()
+    gathered = full_state_dict(acc, state.logp_model) if zero_stage(acc) == 3 else None  # collective
     if acc.is_main_process:
         model = acc.unwrap_model(state.logp_model).model
         out.mkdir(parents=True, exist_ok=True)
         if state.cfg.use_lora and state.cfg.merge_lora:
             model = model.merge_and_unload()
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True, state_dict=gathered)
         state.tokenizer.save_pretrained(out)
         write_model_card(out, base_model=state.model_cfg.model_name_or_path, train_cfg=state.cfg,
                          store_root=getattr(state.store, "root", None),

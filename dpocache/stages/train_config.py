@@ -56,7 +56,22 @@ class TrainConfig:
                                          group="lora")
     merge_lora: bool = opt(False, "Save merged full weights instead of the adapter.", group="lora")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.",
-                                       group="optimisation")
+                                       group="efficiency")
+    activation_memory_budget: float = opt(
+        0.0, "With --gradient_checkpointing: fraction of decoder layers that keep their activations (like "
+        "torch's activation_memory_budget): 0 recomputes every layer in backward (least memory), 0.5 half of "
+        "them (the last layers keep theirs), 1 none.", group="efficiency")
+    bf16: bool = opt(False, "bfloat16 autocast for the forward/backward (weights and AdamW stay fp32; "
+                     "log-softmax stays fp32). Under DeepSpeed: its bf16 mode.", group="efficiency")
+    fused_logps: bool = opt(True, "Chunked log-probs: apply the output head only at positions that predict a "
+                            "trainable token, in checkpointed chunks, never building the [B, T, V] logits "
+                            "(falls back to the full forward for models whose logits are not lm_head(hidden)).",
+                            group="efficiency")
+    logps_chunk_size: int = opt(1024, "Rows of hidden states per output-head chunk of --fused_logps.",
+                                group="efficiency")
+    use_liger_kernel: bool = opt(False, "Patch the model with Liger's Triton kernels (RMSNorm, RoPE, SwiGLU); "
+                                 "needs a CUDA GPU and liger-kernel. Without a GPU: a message and the plain "
+                                 "kernels.", group="efficiency")
     logging_steps: int = opt(1, "Log metrics every this many optimizer steps.", group="training")
     with_tracking: bool = opt(False, "Also send metrics to the trackers of --report_to.", group="tracking")
     report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="Trackers: tensorboard and/or wandb "
@@ -96,6 +111,8 @@ class TrainConfig:
         check(self.logging_steps >= 1, "logging_steps must be >= 1")
         check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0")
         check(self.checkpointing_steps is None or self.checkpointing_steps >= 1, "checkpointing_steps must be >= 1")
+        check(0.0 <= self.activation_memory_budget <= 1.0, "activation_memory_budget must be in [0, 1]")
+        check(self.logps_chunk_size >= 1, "logps_chunk_size must be >= 1")
         check(self.keep_last_n_checkpoints >= 1, "keep_last_n_checkpoints must be >= 1")
         bad = sorted(set(self.report_to) - {"tensorboard", "wandb"})
         check(not bad, f"report_to: unknown tracker(s) {bad} (tensorboard, wandb)")

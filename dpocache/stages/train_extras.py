@@ -58,3 +58,36 @@ def reduce_metrics(acc, metrics: dict[str, float]) -> dict[str, float]:
     values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=acc.device)
     values = acc.reduce(values, reduction="mean")
     return dict(zip(keys, values.tolist()))
+
+
+def enable_gradient_checkpointing(model, budget: float = 0.0) -> int:
+    """Recompute decoder-layer activations in backward; ``budget`` is the fraction of layers (the last
+    ones) that keep their activations instead. Returns how many layers are checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = round(budget * len(layers))
+    for layer in layers[len(layers) - keep:] if keep else []:
+        layer.gradient_checkpointing = False
+    return len(layers) - keep
+
+
+def apply_liger_kernel(model, *, log=print) -> bool:
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, ...) patched into ``model`` when a CUDA GPU is present.
+
+    Only the model kernels are used: Liger's fused linear cross-entropy and its chunked preference losses
+    need labels or a live reference model, while stage two computes log-probs at trainable positions
+    itself (``--fused_logps``) against the STORED reference values.
+    """
+    if not torch.cuda.is_available():
+        log("--use_liger_kernel: Liger's kernels are Triton kernels and need a CUDA GPU; none is present, so the "
+            "model's own (PyTorch) kernels are used. Training is otherwise unchanged.")
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise ConfigError("--use_liger_kernel needs liger-kernel: pip install liger-kernel") from None
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    log(f"--use_liger_kernel: Liger kernels applied to {type(model).__name__}")
+    return True

@@ -1,0 +1,128 @@
+"""Stage two under accelerate: one process, DDP, or DeepSpeed ZeRO (1/2/3), chosen by the launcher.
+
+``accelerate launch`` decides the engine (``--multi_gpu``, ``--use_deepspeed`` or a config file from
+``scripts/configs/``); this module builds the matching :class:`accelerate.Accelerator`, fills the
+DeepSpeed values that depend on the run (micro-batch size, accumulation, clipping: stage two prepares no
+dataloader, so accelerate cannot resolve ``"auto"`` itself), and gathers full weights for saving
+(ZeRO-3 keeps each parameter partitioned across ranks).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dpocache.config import ConfigError
+from dpocache.stages.train_config import TrainConfig
+
+
+def deepspeed_requested() -> bool:
+    """Did the launcher ask for DeepSpeed (``accelerate launch --use_deepspeed`` or a DeepSpeed config)?"""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(cfg: TrainConfig):
+    """The run's Accelerator. On a machine without CUDA, plain and DDP runs use the CPU (gloo); DeepSpeed
+    picks its own CPU accelerator (passing ``cpu=True`` would silently turn DeepSpeed off)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # a fresh configuration for each run in this process (the distributed process group itself is kept)
+    AcceleratorState._reset_state()
+    deepspeed = deepspeed_requested()
+    if deepspeed:
+        try:
+            import deepspeed as _  # noqa: F401
+        except ImportError:
+            raise ConfigError("the launcher asked for DeepSpeed but it is not installed: pip install deepspeed "
+                              "(on CPU-only machines: DS_BUILD_OPS=0 pip install deepspeed)") from None
+        if not torch.cuda.is_available():
+            # accelerate only sets up DeepSpeed's process group for accelerator devices; on a CPU-only machine
+            # the gloo group is created first (as for a multi-CPU run) and DeepSpeed reuses it.
+            from accelerate import PartialState
+
+            PartialState(cpu=True)
+    kwargs = {}
+    if cfg.bf16:
+        kwargs["mixed_precision"] = "bf16"
+    acc = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed,  # cpu=True would turn DeepSpeed off
+                      gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                      log_with=cfg.report_to if cfg.with_tracking else None, project_dir=cfg.output_dir, **kwargs)
+    return acc
+
+
+def is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(acc) -> int | None:
+    plugin = acc.state.deepspeed_plugin
+    return None if plugin is None else int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def engine_name(acc) -> str:
+    """``single``, ``ddp`` or ``deepspeed-zeroN``: part of the settings a resumed run must share."""
+    if is_deepspeed(acc):
+        return f"deepspeed-zero{zero_stage(acc)}"
+    return "ddp" if acc.num_processes > 1 else "single"
+
+
+def _fill(ds: dict, key: str, value, source: str) -> None:
+    """Set ``key`` when it is ``auto`` or absent; a fixed, different value in the config file is an error."""
+    current = ds.get(key, "auto")
+    if current == "auto":
+        ds[key] = value
+    elif current != value:
+        raise ConfigError(f"DeepSpeed config: {key} is {current} but {source} gives {value}; set it to \"auto\" "
+                          "(dpocache fills it from its own options)")
+
+
+def configure_deepspeed(acc, cfg: TrainConfig, model_config) -> None:
+    """Fill the DeepSpeed config from stage two's options and the model's size before ``prepare``.
+
+    dpocache builds its own AdamW and learning-rate schedule, so a DeepSpeed config must not define an
+    ``optimizer`` or ``scheduler`` section (they would silently replace them).
+    """
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"DeepSpeed config: remove the '{section}' section; dpocache builds AdamW and the "
+                              "--lr_scheduler_type schedule itself (--learning_rate, --weight_decay, ...)")
+    world = acc.num_processes
+    _fill(ds, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, "--per_device_train_batch_size")
+    _fill(ds, "gradient_accumulation_steps", cfg.gradient_accumulation_steps, "--gradient_accumulation_steps")
+    _fill(ds, "train_batch_size", cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world,
+          "per_device_train_batch_size x gradient_accumulation_steps x processes")
+    # DeepSpeed clips inside its step; 0 means no clipping (accelerate's own 'auto' default would be 1.0).
+    _fill(ds, "gradient_clipping", float(cfg.max_grad_norm or 0.0), "--max_grad_norm")
+    # the bucket sizes accelerate derives from the hidden size (it cannot see the model inside the wrapper)
+    hidden = getattr(model_config, "hidden_size", None) or max(getattr(model_config, "hidden_sizes", [0]) or [0])
+    zero = ds.setdefault("zero_optimization", {})
+    sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+             "stage3_param_persistence_threshold": 10 * hidden}
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            if not hidden:
+                raise ConfigError(f"DeepSpeed config: zero_optimization.{key} is \"auto\" but the model config has "
+                                  "no hidden_size; give an integer")
+            zero[key] = value
+
+
+def full_state_dict(acc, logp_model) -> dict[str, torch.Tensor]:
+    """The policy's full state dict, gathered from every rank under ZeRO-3 (a collective: call on all ranks).
+
+    Keys are the inner model's own (the ``TokenLogps`` wrapper's ``model.`` prefix is removed).
+    """
+    model = acc.unwrap_model(logp_model)
+    if zero_stage(acc) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    else:
+        state = model.state_dict()
+    prefix = "model."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in (state or {}).items()}

@@ -1,0 +1,88 @@
+"""Efficiency switches of stage two change cost, not results: chunked log-probs vs full logits, partial
+gradient checkpointing (activation memory budget), the Liger switch on a machine without a GPU; bf16
+autocast really computes in bf16 while staying close to fp32."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import conversational_rows, make_tiny_llama, write_jsonl
+from dpocache.cli import main
+from dpocache.stages.train_extras import enable_gradient_checkpointing
+from dpocache.tracking import read_jsonl
+
+KEYS = ("train_loss", "logps/chosen", "logps/rejected", "rewards/margin", "grad_norm")
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory, tokenizer_dir):
+    return make_tiny_llama(tmp_path_factory.mktemp("deep"), tokenizer_dir, hidden=32, layers=4, heads=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, deep_model):
+    root = tmp_path_factory.mktemp("eff")
+    data = write_jsonl(root / "d.jsonl", conversational_rows(16, seed=21))
+    assert main(["score", "--model_name_or_path", str(deep_model), "--dataset", str(data),
+                 "--store", str(root / "store")]) == 0
+    return root / "store"
+
+
+def train(model, store, out, *extra):
+    assert main(["train", "--model_name_or_path", str(model), "--store", str(store), "--output_dir", str(out),
+                 "--loss_type", "dpo", "--beta", "0.3", "--learning_rate", "3e-3", "--warmup_ratio", "0",
+                 "--per_device_train_batch_size", "4", "--max_train_steps", "3", "--checkpointing_steps", "none",
+                 *extra]) == 0
+    return read_jsonl(out / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def baseline(deep_model, store, tmp_path_factory):
+    return train(deep_model, store, tmp_path_factory.mktemp("base"))
+
+
+def assert_same(a, b, tol):
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in KEYS:
+            assert rb[key] == pytest.approx(ra[key], abs=tol, rel=tol), (ra["training_step"], key)
+
+
+def test_full_logits_path_trains_identically(deep_model, store, baseline, tmp_path, capsys):
+    plain = train(deep_model, store, tmp_path / "plain", "--fused_logps", "false")
+    assert "log-probs: full logits" in capsys.readouterr().out
+    assert_same(baseline, plain, 1e-5)
+
+
+def test_activation_memory_budget_checkpoints_a_fraction_of_layers(deep_model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for budget, expected in ((0.0, [True] * 4), (0.5, [True, True, False, False]), (1.0, [False] * 4)):
+        model = AutoModelForCausalLM.from_pretrained(deep_model)
+        assert enable_gradient_checkpointing(model, budget) == sum(expected)
+        flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert flags == expected, budget
+
+
+@pytest.mark.parametrize("budget", ["0", "0.5"])
+def test_gradient_checkpointing_keeps_results(deep_model, store, baseline, tmp_path, budget):
+    run = train(deep_model, store, tmp_path / "gc", "--gradient_checkpointing", "--activation_memory_budget", budget)
+    assert_same(baseline, run, 1e-6)
+
+
+def test_liger_switch_without_gpu_falls_back(deep_model, store, baseline, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: Liger's kernels would really be applied")
+    run = train(deep_model, store, tmp_path / "liger", "--use_liger_kernel")
+    assert "need a CUDA GPU" in capsys.readouterr().out
+    assert_same(baseline, run, 0)
+
+
+def test_bf16_autocast_is_close_to_fp32_but_not_equal(deep_model, store, baseline, tmp_path):
+    run = train(deep_model, store, tmp_path / "bf16", "--bf16")
+    first, ref = run[0], baseline[0]
+    diff = abs(first["logps/chosen"] - ref["logps/chosen"])
+    assert 0 < diff < 0.05 * abs(ref["logps/chosen"])  # computed in bf16, yet close to fp32
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in run)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert next(saved.parameters()).dtype == torch.float32  # weights and AdamW stay fp32
