@@ -16,7 +16,7 @@ def parse(argv):
 def test_cli_beats_yaml_beats_defaults(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rate: 1.0e-6\nbeta: 0.1\nloss-type: dpo\nmax_grad_norm: null\n")
-    model_cfg, train_cfg = parse(["train", "--config", str(cfg), "--beta", "0.3", "--model_name_or_path", "m"])
+    model_cfg, _, train_cfg = parse(["train", "--config", str(cfg), "--beta", "0.3", "--model_name_or_path", "m"])
     assert train_cfg.learning_rate == 1e-6          # from YAML (dashed key accepted)
     assert train_cfg.beta == 0.3                    # command line wins
     assert train_cfg.loss_type == "dpo"
@@ -25,7 +25,7 @@ def test_cli_beats_yaml_beats_defaults(tmp_path):
 
 
 def test_dashed_aliases_and_booleans():
-    _, train_cfg = parse(["train", "--learning-rate", "0.5", "--verify-store", "false", "--allow_missing"])
+    _, _, train_cfg = parse(["train", "--learning-rate", "0.5", "--verify-store", "false", "--allow_missing"])
     assert train_cfg.learning_rate == 0.5
     assert train_cfg.verify_store is False and train_cfg.allow_missing is True
 

@@ -117,3 +117,17 @@ def test_deepspeed_config_conflicts_are_named(tiny_model_dir, store, tmp_path):
     assert done.returncode != 0
     assert "remove the 'optimizer' section" in done.stderr
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_run_under_zero3_evaluates_on_every_rank(tiny_model_dir, tmp_path):
+    """`dpocache run` under ZeRO-3: the held-out forwards gather partitioned parameters, so every rank runs
+    them; rank 0 records the figures."""
+    train = write_jsonl(tmp_path / "train.jsonl", conversational_rows(8, seed=41))
+    held = write_jsonl(tmp_path / "held.jsonl", conversational_rows(4, seed=42))
+    deepspeed_launch(3, ["run", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(train),
+                         "--heldout_dataset", str(held), "--store", str(tmp_path / "store"), "--output_dir",
+                         str(tmp_path / "out"), "--per_device_train_batch_size", "2", "--max_train_steps", "2"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["heldout_examples"] == 4 and 0.0 <= summary["heldout_reward_accuracy"] <= 1.0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").num_parameters() > 0

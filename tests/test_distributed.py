@@ -1,5 +1,6 @@
 """Real multi-process runs on CPU (gloo): accelerate DDP equals one process with the same global batch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +50,25 @@ def test_ddp_two_processes_match_one(tiny_model_dir, store, tmp_path):
     # only rank 0 wrote outputs: one metrics file, one checkpoint directory, no temporary leftovers
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step_00000002"]
     assert (ddp / "model.safetensors").is_file()
+
+
+def test_run_under_two_processes(tiny_model_dir, tmp_path):
+    """`dpocache run` launched on 2 processes: each rank scores its part, a barrier, DDP training, rank 0
+    evaluates the held-out pairs and writes the summary; a second launch reuses the whole store."""
+    train = write_jsonl(tmp_path / "train.jsonl", conversational_rows(16, seed=31))
+    held = write_jsonl(tmp_path / "held.jsonl", conversational_rows(6, seed=32))
+
+    def args(out):
+        return ["run", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(train), "--heldout_dataset",
+                str(held), "--store", str(tmp_path / "store"), "--output_dir", str(out), "--loss_type", "dpo",
+                "--beta", "0.3", "--learning_rate", "3e-3", "--warmup_ratio", "0", "--per_device_train_batch_size",
+                "2", "--max_train_steps", "3"]
+
+    accelerate(args(tmp_path / "out"))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["examples_scored"] == 16 + 6 and summary["stage_one_skipped"] is False
+    assert summary["heldout_examples"] == 6 and 0.0 <= summary["heldout_reward_accuracy"] <= 1.0
+    assert len(read_jsonl(tmp_path / "out" / "metrics.jsonl")) == 3
+    accelerate(args(tmp_path / "out2"))
+    again = json.loads((tmp_path / "out2" / "summary.json").read_text())
+    assert again["stage_one_skipped"] is True and again["examples_reused"] == 16 + 6
