@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import conversational_rows, write_jsonl
+from conftest import conversational_rows, score_rows, write_jsonl
 from dpocache.cli import main
 from dpocache.tracking import read_jsonl
 
@@ -33,11 +33,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("ds_store")
-    data = write_jsonl(root / "train.jsonl", conversational_rows(24, seed=11))
-    assert main(["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data),
-                 "--store", str(root / "store")]) == 0
-    return root / "store"
+    return score_rows(tmp_path_factory.mktemp("ds_store"), tiny_model_dir, conversational_rows(24, seed=11))
 
 
 def train_args(model, store, out, per_device, *extra):

@@ -7,18 +7,14 @@ import sys
 
 import pytest
 
-from conftest import conversational_rows, write_jsonl
+from conftest import conversational_rows, score_rows, write_jsonl
 from dpocache.cli import main
 from dpocache.tracking import read_jsonl
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("ddp_store")
-    data = write_jsonl(root / "train.jsonl", conversational_rows(24, seed=5))
-    assert main(["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data),
-                 "--store", str(root / "store")]) == 0
-    return root / "store"
+    return score_rows(tmp_path_factory.mktemp("ddp_store"), tiny_model_dir, conversational_rows(24, seed=5))
 
 
 def accelerate(args, *, processes=2, extra=()):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import conversational_rows, make_tiny_llama, write_jsonl
+from conftest import conversational_rows, make_tiny_llama, score_rows
 from dpocache.cli import main
 from dpocache.stages.train_extras import enable_gradient_checkpointing
 from dpocache.tracking import read_jsonl
@@ -21,11 +21,7 @@ def deep_model(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, deep_model):
-    root = tmp_path_factory.mktemp("eff")
-    data = write_jsonl(root / "d.jsonl", conversational_rows(16, seed=21))
-    assert main(["score", "--model_name_or_path", str(deep_model), "--dataset", str(data),
-                 "--store", str(root / "store")]) == 0
-    return root / "store"
+    return score_rows(tmp_path_factory.mktemp("eff"), deep_model, conversational_rows(16, seed=21))
 
 
 def train(model, store, out, *extra):

@@ -19,8 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import conversational_rows, write_jsonl
-from dpocache.cli import main
+from conftest import conversational_rows, score_rows
 from dpocache.config import ConfigError
 from dpocache.stages.train_config import TrainConfig
 
@@ -137,11 +136,7 @@ def hub():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("hub_store")
-    data = write_jsonl(root / "d.jsonl", conversational_rows(8, seed=21))
-    assert main(["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data),
-                 "--store", str(root / "store")]) == 0
-    return root / "store"
+    return score_rows(tmp_path_factory.mktemp("hub_store"), tiny_model_dir, conversational_rows(8, seed=21))
 
 
 def hub_env(tmp_path, endpoint: str | None, token: str | None = TOKEN, offline: bool = False) -> dict:

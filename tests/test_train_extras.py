@@ -6,18 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
 
-from conftest import conversational_rows, write_jsonl
+from conftest import conversational_rows, score_rows, write_jsonl
 from dpocache.cli import main
 from dpocache.tracking import read_jsonl
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("extras")
-    data = write_jsonl(root / "d.jsonl", conversational_rows(16, seed=9))
-    assert main(["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data),
-                 "--store", str(root / "store")]) == 0
-    return root / "store"
+    return score_rows(tmp_path_factory.mktemp("extras"), tiny_model_dir, conversational_rows(16, seed=9))
 
 
 def lora_args(model, store, out, *extra):
