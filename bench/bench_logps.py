@@ -1,5 +1,6 @@
 """Peak memory and time of one training forward+backward: chunked log-probs (``--fused_logps``, the output
-head applied only at trainable positions, in checkpointed chunks) vs the full-logits path.
+head applied only at trainable positions, in chunks) vs the full-logits path. ``fused`` keeps chunk logits
+for backward up to ``--logps_keep_mb`` (default 1024), ``fused_lowmem`` recomputes every chunk (keep 0).
 
 Each variant runs in its own process. The peak is the growth of the resident set over the step (Linux
 ``VmHWM`` after resetting it through ``/proc/self/clear_refs``), so the model and the batch, identical
@@ -54,7 +55,8 @@ def run_variant(args) -> dict:
     torch.set_num_threads(args.threads)
     model = build_model(args.vocab, args.hidden, args.layers)
     model.train()
-    logp = TokenLogps(model, selected=args.variant == "fused", chunk=args.chunk)
+    keep = 0.0 if args.variant == "fused_lowmem" else args.keep_mb
+    logp = TokenLogps(model, selected=args.variant != "full", chunk=args.chunk, keep_mb=keep)
     ids, attn, mask = batch(2 * args.batch, args.length, args.vocab)
     times, peaks = [], []
     for i in range(args.repeats + 1):
@@ -79,7 +81,7 @@ def run_variant(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=["full", "fused"])
+    parser.add_argument("--variant", choices=["full", "fused", "fused_lowmem"])
     parser.add_argument("--batch", type=int, default=8, help="preference pairs (2x sequences)")
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=49152)
@@ -88,22 +90,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=1024, help="rows per output-head chunk (fused)")
+    parser.add_argument("--keep_mb", type=float, default=1024.0, help="logits kept for backward (fused)")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
     results = {}
-    for variant in ("full", "fused"):
-        keys = ("batch", "length", "vocab", "hidden", "layers", "repeats", "threads", "chunk")
+    for variant in ("full", "fused", "fused_lowmem"):
+        keys = ("batch", "length", "vocab", "hidden", "layers", "repeats", "threads", "chunk", "keep_mb")
         cmd = [sys.executable, __file__, "--variant", variant] + [f"--{k}={getattr(args, k)}" for k in keys]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results[variant] = json.loads(out)
         print(out, flush=True)
-    full, fused = results["full"], results["fused"]
-    print(json.dumps({"bench": "logps", "summary": True, "peak_ratio_fused_over_full":
-                      fused["peak_step_mib"] / full["peak_step_mib"],
-                      "speed_ratio_fused_over_full": fused["tokens_per_second"] / full["tokens_per_second"],
-                      "loss_abs_diff": abs(fused["loss"] - full["loss"])}))
+    full = results["full"]
+    summary = {"bench": "logps", "summary": True}
+    for name in ("fused", "fused_lowmem"):
+        r = results[name]
+        summary.update({f"peak_ratio_{name}_over_full": r["peak_step_mib"] / full["peak_step_mib"],
+                        f"speed_ratio_{name}_over_full": r["tokens_per_second"] / full["tokens_per_second"],
+                        f"loss_abs_diff_{name}": abs(r["loss"] - full["loss"])})
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 A causal LM's log-prob of token ``t`` comes from the logits at position ``t - 1``. DPO needs it only
 at trainable (assistant) tokens, so instead of materialising the full ``[B, T, V]`` logits we run the
 decoder, pick the hidden states of the positions that predict a trainable token, and apply the output
-head to those rows only, in chunks (fp32 log-softmax). Under autograd each chunk is checkpointed, so
-the ``[chunk, V]`` logits are recomputed in backward instead of being kept.
+head to those rows only, in chunks (fp32 log-softmax). Under autograd the first chunks keep their
+``[chunk, V]`` logits for backward while they fit in ``keep_mb``; the chunks beyond are checkpointed
+(their logits are recomputed in backward instead of being kept), so memory stays bounded whatever the
+batch, and small batches pay no recomputation.
 
 This "selected positions" path is exact for every model whose logits are ``lm_head(hidden)``. Models
 that transform logits further (soft-capping, scaling) are detected by a probe comparing it with the
@@ -18,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 DEFAULT_CHUNK = 1024
+DEFAULT_KEEP_MB = 1024.0
 
 
 def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -26,12 +29,20 @@ def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
 
 
 def _chunked_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                        chunk: int) -> torch.Tensor:
-    parts = []
+                        chunk: int, keep_mb: float = DEFAULT_KEEP_MB) -> torch.Tensor:
+    parts, kept = [], 0.0
+    vocab = None
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
         if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
+            if vocab is None:
+                vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+            cost = h.shape[0] * vocab * 4 / 2**20  # the fp32 logits autograd keeps for this chunk
+            if kept + cost <= keep_mb:
+                kept += cost
+                parts.append(_head_logps(head, h, t))
+            else:
+                parts.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
         else:
             parts.append(_head_logps(head, h, t))
     if not parts:
@@ -53,7 +64,7 @@ def _forward_kwargs(position_ids: torch.Tensor | None, router_logits: bool) -> d
 
 def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          mask: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, router_logits: bool = False,
-                         position_ids: torch.Tensor | None = None):
+                         position_ids: torch.Tensor | None = None, keep_mb: float = DEFAULT_KEEP_MB):
     """``[B, T]`` fp32: log p(ids[b, t] | ids[b, :t]) where ``mask[b, t]``, else 0 (fast path).
 
     With ``router_logits`` (MoE models) returns ``(logps, router_logits)``. ``attention_mask=None`` with
@@ -64,7 +75,7 @@ def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_ma
                   **_forward_kwargs(position_ids, router_logits))
     hidden = out[0]
     rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
-    values = _chunked_head_logps(head, hidden[rows, cols], input_ids[rows, cols + 1], chunk)
+    values = _chunked_head_logps(head, hidden[rows, cols], input_ids[rows, cols + 1], chunk, keep_mb)
     logps = _scatter(values, rows, cols + 1, input_ids.shape)
     return (logps, out.router_logits) if router_logits else logps
 
@@ -115,11 +126,12 @@ class TokenLogps(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, selected: bool | None = None, chunk: int = DEFAULT_CHUNK,
-                 load_balancing: bool = False):
+                 keep_mb: float = DEFAULT_KEEP_MB, load_balancing: bool = False):
         super().__init__()
         self.model = model
         self.selected = supports_selected_path(model) if selected is None else selected
         self.chunk = chunk
+        self.keep_mb = keep_mb
         self.load_balancing = load_balancing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor,
@@ -130,7 +142,8 @@ class TokenLogps(nn.Module):
         """
         if self.selected:
             out = selected_token_logps(self.model, input_ids, attention_mask, mask, chunk=self.chunk,
-                                       router_logits=self.load_balancing, position_ids=position_ids)
+                                       router_logits=self.load_balancing, position_ids=position_ids,
+                                       keep_mb=self.keep_mb)
         else:
             out = full_token_logps(self.model, input_ids, attention_mask, mask, router_logits=self.load_balancing,
                                    position_ids=position_ids)

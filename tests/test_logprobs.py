@@ -43,7 +43,8 @@ def test_selected_path_matches_direct_forward(tiny_model_dir, chunk):
     assert (per_token[tmask == 0] == 0).all()
 
 
-def test_selected_path_gradients_match_full_path(tiny_model_dir):
+@pytest.mark.parametrize("keep_mb", [0.0, 0.4, 100.0])  # every chunk recomputed / the first kept / all kept
+def test_selected_path_gradients_match_full_path(tiny_model_dir, keep_mb):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
     seqs = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     masks = [[0, 0, 1, 1, 1, 1, 0], [0, 1, 1]]
@@ -51,6 +52,6 @@ def test_selected_path_gradients_match_full_path(tiny_model_dir):
     grads = []
     for selected in (True, False):
         model.zero_grad()
-        TokenLogps(model, selected=selected, chunk=2)(ids, attn, tmask).sum().backward()
+        TokenLogps(model, selected=selected, chunk=2, keep_mb=keep_mb)(ids, attn, tmask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)

@@ -82,7 +82,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
         model = add_lora(model, cfg)
     # the probes (output head, packing) run after prepare: under ZeRO-3 the weights are partitioned until the
     # engine's hooks gather them
-    logp_model = TokenLogps(model, selected=False, chunk=cfg.logps_chunk_size, load_balancing=cfg.load_balancing_loss)
+    logp_model = TokenLogps(model, selected=False, chunk=cfg.logps_chunk_size, keep_mb=cfg.logps_keep_mb,
+                            load_balancing=cfg.load_balancing_loss)
     world = accelerator.num_processes
     micro_per_epoch = math.ceil(len(examples) / (cfg.per_device_train_batch_size * world))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps))

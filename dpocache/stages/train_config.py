@@ -69,6 +69,9 @@ class TrainConfig:
                             group="efficiency")
     logps_chunk_size: int = opt(1024, "Rows of hidden states per output-head chunk of --fused_logps.",
                                 group="efficiency")
+    logps_keep_mb: float = opt(1024.0, "Memory (MiB) of output-head logits --fused_logps keeps for backward; "
+                               "chunks beyond it are recomputed in backward (0: recompute all, least memory).",
+                               group="efficiency")
     use_liger_kernel: bool = opt(False, "Patch the model with Liger's Triton kernels (RMSNorm, RoPE, SwiGLU); "
                                  "needs a CUDA GPU and liger-kernel. Without a GPU: a message and the plain "
                                  "kernels.", group="efficiency")
@@ -113,6 +116,7 @@ class TrainConfig:
         check(self.checkpointing_steps is None or self.checkpointing_steps >= 1, "checkpointing_steps must be >= 1")
         check(0.0 <= self.activation_memory_budget <= 1.0, "activation_memory_budget must be in [0, 1]")
         check(self.logps_chunk_size >= 1, "logps_chunk_size must be >= 1")
+        check(self.logps_keep_mb >= 0, "logps_keep_mb must be >= 0")
         check(self.keep_last_n_checkpoints >= 1, "keep_last_n_checkpoints must be >= 1")
         bad = sorted(set(self.report_to) - {"tensorboard", "wandb"})
         check(not bad, f"report_to: unknown tracker(s) {bad} (tensorboard, wandb)")
