@@ -28,6 +28,39 @@ def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) ->
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _LinearHeadLogps(torch.autograd.Function):
+    """log p(target) through a plain linear output head, keeping ONE ``[rows, V]`` fp32 tensor for backward
+    (the softmax, overwritten in place by its own gradient) instead of autograd's logits + temporaries."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        logits = nn.functional.linear(hidden, weight, bias).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        out = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        probs = logits.sub_(lse[:, None]).exp_()
+        ctx.save_for_backward(hidden, weight, probs, targets)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, probs, targets = ctx.saved_tensors
+        g = probs.mul_(-grad[:, None])  # d out / d logits = onehot(target) - softmax
+        g[torch.arange(targets.shape[0], device=g.device), targets] += grad
+        grad_h = (g @ weight.float()).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.t() @ hidden.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b, None
+
+
+def _kept_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A chunk whose logits stay for backward: the lean autograd function for a plain ``nn.Linear`` head
+    (not partitioned by ZeRO-3, whose hooks must run), else ordinary autograd."""
+    if type(head) is nn.Linear and not hasattr(head.weight, "ds_id"):
+        return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets)
+    return _head_logps(head, hidden, targets)
+
+
 def _chunked_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                         chunk: int, keep_mb: float = DEFAULT_KEEP_MB) -> torch.Tensor:
     parts, kept = [], 0.0
@@ -40,9 +73,9 @@ def _chunked_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Te
             cost = h.shape[0] * vocab * 4 / 2**20  # the fp32 logits autograd keeps for this chunk
             if kept + cost <= keep_mb:
                 kept += cost
-                parts.append(_head_logps(head, h, t))
+                parts.append(_kept_head_logps(head, h, t))
             else:
-                parts.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
+                parts.append(checkpoint(_kept_head_logps, head, h, t, use_reentrant=False))
         else:
             parts.append(_head_logps(head, h, t))
     if not parts:
