@@ -42,6 +42,15 @@ run: install
 test: install-test
 	$(PY) -m pytest -q
 
+# Benchmarks: the bench extra (TRL, psutil) on top of the test extras (vLLM), then every bench script;
+# the results rewrite BENCHMARKS.md (`bash bench/run_all.sh --quick` for a smoke run).
+$(VENV)/.stamp-bench: $(VENV)/.stamp-test pyproject.toml
+	$(PIP) install --quiet -e ".[bench]" "$(TORCH_SPEC)" "transformers<5.20"
+	touch $@
+
+bench: $(VENV)/.stamp-bench
+	PY=$(PY) bash bench/run_all.sh
+
 lint: install-test
 	$(VENV)/bin/ruff check .
 

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Stage-two training throughput and peak RSS: dpocache against TRL and plain loops, side by side.
+
+Same model, same synthetic mixed-length pairs, same batches (dpocache's length-grouped order), same
+batch size and max length, fp32 on CPU. Variants (each in its own child process, so peak RSS is per
+variant): dpocache stage two on a store scored by ``dpocache score``; TRL ``DPOTrainer`` with
+precomputed reference log-probs and with a live reference model; a bare forward+backward+AdamW loop;
+a plain ``no_grad`` forward loop. Throughput = non-pad tokens of chosen + rejected per second over
+windows of optimizer steps after the warm-up; the median window is reported. Prints one JSON line.
+
+    python bench/bench_train.py                   # the ~8M Llama, 8 pairs per step, up to 256 tokens
+    python bench/bench_train.py --model smollm2   # SmolLM2-135M-Instruct, 4 pairs per step, up to 192 tokens
+    python bench/bench_train.py --quick           # a fast smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from benchlib import (REPO, bench_model, child_env, count_params, median, run_child, synthetic_rows,
+                      write_jsonl)
+from train_variants import VARIANTS, run_variant
+
+SIZES = {"tiny": {"batch": 8, "max_length": 256, "pairs": 128, "warmup": 2, "window": 4, "repeats": 3},
+         "smollm2": {"batch": 4, "max_length": 192, "pairs": 32, "warmup": 1, "window": 2, "repeats": 3}}
+QUICK = {"pairs": 32, "warmup": 1, "window": 2, "repeats": 2, "max_length": 128}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--batch", type=int, help="pairs per optimizer step")
+    parser.add_argument("--max_length", type=int, help="maximum tokens per sequence")
+    parser.add_argument("--pairs", type=int, help="synthetic preference pairs")
+    parser.add_argument("--warmup", type=int, help="optimizer steps excluded from timing (>= 1)")
+    parser.add_argument("--window", type=int, help="optimizer steps per timed window")
+    parser.add_argument("--repeats", type=int, help="timed windows (the median is reported)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="few pairs, short sequences, few steps")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per child process")
+    parser.add_argument("--keep", help="work directory to keep (default: a temporary one, removed)")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--plan", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = dict(SIZES[args.model], **(QUICK if args.quick else {}))
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup < 1 or args.window < 1 or args.repeats < 1:
+        parser.error("--warmup, --window and --repeats must be >= 1")
+    return args
+
+
+def score_store(args, work: Path, model_dir: Path, home: Path) -> dict:
+    """Stage one with the real command line: ``dpocache score`` in a child process."""
+    data = write_jsonl(work / "pairs.jsonl", synthetic_rows(args.pairs, seed=0))
+    store = work / "store"
+    cmd = [sys.executable, "-m", "dpocache.cli", "score", "--model_name_or_path", str(model_dir),
+           "--dataset", str(data), "--chat_template_name", "chatml", "--max_seq_length", str(args.max_length),
+           "--store", str(store), "--batch_size", str(2 * args.batch), "--dataset_cache_dir", str(work / "cache")]
+    run = run_child(cmd, env=child_env(home), log=work / "score.log", timeout=args.timeout)
+    return {"store": str(store), "seconds": run["seconds"], "peak_rss": run["peak_rss"], "command": cmd}
+
+
+def make_plan(args, work: Path, model_dir: Path, store: str) -> Path:
+    """The examples as stage two loads them and the batches it will draw (dpocache's own order)."""
+    from dpocache.artifacts import ReferenceStore
+    from dpocache.batching import epoch_order, micro_batches
+    from dpocache.stages.examples import load_examples, pick_list
+    from dpocache.stages.train_config import TrainConfig
+
+    seed = TrainConfig().seed
+    ref = ReferenceStore.open(store)
+    ex = load_examples(ref, ref.get_list(pick_list(ref, None)), allow_missing=False)
+    total = args.warmup + args.window * args.repeats
+    steps, epoch = [], 0
+    while len(steps) < total:
+        order = epoch_order(ex.lengths, args.batch, seed, epoch)
+        steps += [b.tolist() for b in micro_batches(order, args.batch) if len(b) == args.batch]
+        epoch += 1
+    plan = {"model": str(model_dir), "store": store, "pad_id": None, "pad_token": ref.versions["pad_token"],
+            "batch": args.batch, "max_length": args.max_length, "lr": args.lr, "seed": seed,
+            "chosen_ids": ex.chosen_ids, "chosen_mask": ex.chosen_mask, "rejected_ids": ex.rejected_ids,
+            "rejected_mask": ex.rejected_mask, "steps": steps[:total]}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    plan["pad_id"] = tok.convert_tokens_to_ids(plan["pad_token"])
+    path = work / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def window_rates(result: dict, warmup: int, window: int, repeats: int, clock: str = "step_ends") -> list[float]:
+    """Tokens per second (wall, or process CPU with ``clock="step_cpu"``) of each timed window of
+    ``window`` steps after ``warmup`` steps."""
+    ends, tokens = result[clock], result["step_tokens"]
+    rates = []
+    for r in range(repeats):
+        a = warmup + r * window
+        b = a + window
+        rates.append(sum(tokens[a:b]) / (ends[b - 1] - ends[a - 1]))
+    return rates
+
+
+def padding_fraction(plan: dict) -> float:
+    """Pad tokens / all tokens of the planned concatenated batches."""
+    real = total = 0
+    for idx in plan["steps"]:
+        lens = [len(plan["chosen_ids"][i]) for i in idx] + [len(plan["rejected_ids"][i]) for i in idx]
+        real += sum(lens)
+        total += max(lens) * len(lens)
+    return 1 - real / total
+
+
+def summarize(args, results: dict, plan: dict, stage_one: dict, params: int) -> dict:
+    out = {"bench": "train", "model": args.model, "params": params, "batch": args.batch,
+           "max_length": args.max_length, "pairs": len(plan["chosen_ids"]), "warmup_steps": args.warmup,
+           "window_steps": args.window, "repeats": args.repeats, "quick": args.quick,
+           "padded_fraction": round(padding_fraction(plan), 3),
+           "stage_one_seconds": round(stage_one["seconds"], 1),
+           "stage_one_peak_rss_mb": round(stage_one["peak_rss"] / 2**20)}
+    expected = [sum(len(plan["chosen_ids"][i]) + len(plan["rejected_ids"][i]) for i in idx) for idx in plan["steps"]]
+    for name, res in results.items():
+        rates = window_rates(res, args.warmup, args.window, args.repeats)
+        out[f"{name}_tok_s"] = round(median(rates), 1)
+        out[f"{name}_tok_s_windows"] = [round(r, 1) for r in rates]
+        out[f"{name}_tok_per_cpu_s"] = round(median(window_rates(res, args.warmup, args.window, args.repeats,
+                                                                 "step_cpu")), 1)
+        out[f"{name}_peak_rss_mb"] = round(res["peak_rss"] / 2**20)
+        out[f"{name}_init_seconds"] = round(res["init_seconds"], 1)
+        out[f"{name}_same_batches"] = res["step_tokens"] == expected
+    if "dpocache" in results:
+        mine = results["dpocache"]["peak_rss"]
+        for name in results:
+            if name != "dpocache":
+                out[f"dpocache_over_{name}"] = round(out["dpocache_tok_s"] / out[f"{name}_tok_s"], 3)
+                cpu = out["dpocache_tok_per_cpu_s"] / out[f"{name}_tok_per_cpu_s"]
+                out[f"dpocache_over_{name}_cpu"] = round(cpu, 3)
+                out[f"dpocache_rss_over_{name}"] = round(mine / results[name]["peak_rss"], 3)
+    out["targets"] = targets(out)
+    return out
+
+
+def targets(out: dict) -> dict:
+    """The stage-two targets this run can decide (None: a variant was not run)."""
+    def ratio(key):
+        return out.get(key)
+
+    t = {}
+    if ratio("dpocache_over_trl_precompute") is not None:
+        t["tok_s_ge_1.5x_trl_precompute"] = ratio("dpocache_over_trl_precompute") >= 1.5
+    if ratio("dpocache_over_bare") is not None:
+        t["time_le_1.1x_bare"] = 1 / ratio("dpocache_over_bare") <= 1.1
+    if out["model"] == "smollm2":
+        if ratio("dpocache_rss_over_trl_live") is not None:
+            t["rss_le_0.8x_trl_live"] = ratio("dpocache_rss_over_trl_live") <= 0.8
+        if ratio("dpocache_rss_over_bare") is not None:
+            t["rss_below_bare"] = ratio("dpocache_rss_over_bare") < 1.0
+    return t
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(run_variant(args.child, Path(args.plan))))
+        return
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_train_"))
+    work.mkdir(parents=True, exist_ok=True)
+    home = work / "home"
+    try:
+        model_dir = bench_model(work, args.model)
+        stage_one = score_store(args, work, model_dir, home)
+        plan_path = make_plan(args, work, model_dir, stage_one["store"])
+        results = {}
+        for name in args.variants:
+            cmd = [sys.executable, str(REPO / "bench" / "bench_train.py"), "--child", name, "--plan", str(plan_path)]
+            run = run_child(cmd, env=child_env(home), log=work / f"{name}.log", timeout=args.timeout)
+            results[name] = dict(run["json"][-1], peak_rss=run["peak_rss"])
+            print(f"bench_train: {name} done in {run['seconds']:.0f} s", file=sys.stderr)
+        plan = json.loads(plan_path.read_text())
+        print(json.dumps(summarize(args, results, plan, stage_one, count_params(model_dir))))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The stage-two training variants of ``bench_train.py``, each run alone in a child process.
+
+Every variant reads the same plan (examples and the exact sequence of batches) and reports, per
+optimizer step, the non-pad tokens it processed and the time the step ended. Variants:
+
+- ``dpocache``: stage two through ``dpocache.stages.train`` (``setup`` + ``train``) on the scored store;
+- ``trl_precompute`` / ``trl_live``: TRL's ``DPOTrainer`` with precomputed reference log-probs, or with a
+  live reference model, fed the same token ids in the same batches;
+- ``bare``: a plain forward + backward + AdamW loop (loss: mean log-prob of the trainable tokens);
+- ``forward``: a plain ``no_grad`` forward loop computing the same per-token log-probs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+VARIANTS = ("dpocache", "trl_precompute", "trl_live", "bare", "forward")
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
+class StepClock:
+    """Wall and process CPU time at the end of each optimizer step, and the tokens of each step."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def tick(self, *_args, **_kwargs) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def result(self, init: float) -> dict:
+        return {"step_tokens": self.tokens, "step_ends": self.wall, "step_cpu": self.cpu, "init_seconds": init}
+
+
+def padded(plan: dict, idx: list[int]):
+    """Right-padded ``input_ids``, ``attention_mask`` and trainable mask of chosen + rejected."""
+    import torch
+
+    seqs = [plan["chosen_ids"][i] for i in idx] + [plan["rejected_ids"][i] for i in idx]
+    masks = [plan["chosen_mask"][i] for i in idx] + [plan["rejected_mask"][i] for i in idx]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), plan["pad_id"], dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    tmask = torch.zeros_like(ids)
+    for row, (seq, mask) in enumerate(zip(seqs, masks)):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        attn[row, :len(seq)] = 1
+        tmask[row, :len(seq)] = torch.tensor(mask)
+    return ids, attn, tmask
+
+
+def _load_model(plan: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(plan["model"], dtype=torch.float32)
+
+
+def run_bare(plan: dict, work: Path) -> dict:
+    """Forward, full fp32 log-softmax, loss = -mean log-prob at trainable labels, backward, AdamW."""
+    import torch
+
+    t0 = time.perf_counter()
+    model = _load_model(plan).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=plan["lr"], weight_decay=0.0)
+    init = time.perf_counter() - t0
+    clock = StepClock()
+    for idx in plan["steps"]:
+        ids, attn, tmask = padded(plan, idx)
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        picked = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        labels = tmask[:, 1:].float()
+        loss = -(picked * labels).sum() / labels.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del logits, picked, loss
+        clock.tokens.append(int(attn.sum()))
+        clock.tick()
+    return clock.result(init)
+
+
+def run_forward(plan: dict, work: Path) -> dict:
+    """The same per-token log-probs under ``no_grad`` (no backward, no optimizer)."""
+    import torch
+
+    t0 = time.perf_counter()
+    model = _load_model(plan).eval()
+    init = time.perf_counter() - t0
+    clock = StepClock()
+    with torch.no_grad():
+        for idx in plan["steps"]:
+            ids, attn, tmask = padded(plan, idx)
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+            picked = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            (picked * tmask[:, 1:]).sum(-1)
+            del logits, picked
+            clock.tokens.append(int(attn.sum()))
+            clock.tick()
+    return clock.result(init)
+
+
+def run_dpocache(plan: dict, work: Path) -> dict:
+    """Stage two exactly as ``dpocache train`` runs it (API: ``setup`` then ``train``), on the scored store.
+
+    A forward pre-hook on the trained module counts the non-pad tokens of each batch; the per-step
+    log callback (``logging_steps=1``) stamps the end of each optimizer step.
+    """
+    from dpocache.modeling import ModelConfig
+    from dpocache.stages.train import TrainConfig, setup, train
+
+    total = len(plan["steps"])
+    cfg = TrainConfig(store=plan["store"], output_dir=str(work / "dpocache-out"), loss_type="dpo", beta=0.1,
+                      learning_rate=plan["lr"], warmup_ratio=0.0, per_device_train_batch_size=plan["batch"],
+                      max_train_steps=total, checkpointing_steps=None, logging_steps=1, seed=plan["seed"])
+    t0 = time.perf_counter()
+    state = setup(ModelConfig(model_name_or_path=plan["model"]), cfg, log=_quiet)
+    init = time.perf_counter() - t0
+    clock = StepClock()
+    state.logp_model.register_forward_pre_hook(lambda _m, args: clock.tokens.append(int(args[1].sum())))
+    train(state, progress=False, log=clock.tick)
+    if len(clock.wall) != total:
+        raise RuntimeError(f"expected {total} per-step log lines from dpocache train, got {len(clock.wall)}")
+    return clock.result(init)
+
+
+def trl_dataset(plan: dict) -> dict:
+    """The plan's pairs as TRL's tokenized columns: the shared prompt, then each completion.
+
+    The prompt is everything before the first trainable token, so prompt + completion is exactly the
+    stored sequence and TRL's completion mask is exactly the stored trainable mask.
+    """
+    out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    for c, cm, r, rm in zip(plan["chosen_ids"], plan["chosen_mask"], plan["rejected_ids"], plan["rejected_mask"]):
+        start = cm.index(1)
+        if rm.index(1) != start or c[:start] != r[:start] or any(v == 0 for v in cm[start:] + rm[start:]):
+            raise ValueError("bench data: chosen and rejected must share the prompt and train on a suffix")
+        out["prompt_ids"].append(c[:start])
+        out["chosen_ids"].append(c[start:])
+        out["rejected_ids"].append(r[start:])
+    return out
+
+
+def run_trl(plan: dict, work: Path, *, precompute: bool) -> dict:
+    """TRL ``DPOTrainer`` on the same ids and batches: fp32, AdamW (torch), no gradient checkpointing,
+    no clipping, dropout off, no workers, no reporting, no saving."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    clock = StepClock()
+    base = DataCollatorForPreference(pad_token_id=plan["pad_id"], max_length=plan["max_length"])
+
+    def collate(examples):
+        batch = base(examples)
+        clock.tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    order = [i for idx in plan["steps"] for i in idx]
+
+    class PlanSampler(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter(order)
+
+        def __len__(self):
+            return len(order)
+
+    class PlanDPOTrainer(DPOTrainer):
+        """Takes the already tokenized columns as they are and draws the plan's batches."""
+
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset
+
+        def _get_train_sampler(self, train_dataset=None):
+            return PlanSampler()
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick()
+
+    total = len(plan["steps"])
+    args = DPOConfig(
+        output_dir=str(work / "trl-out"), per_device_train_batch_size=plan["batch"], gradient_accumulation_steps=1,
+        learning_rate=plan["lr"], optim="adamw_torch", weight_decay=0.0, lr_scheduler_type="linear",
+        max_steps=total, max_length=plan["max_length"], beta=0.1, loss_type=["sigmoid"],
+        precompute_ref_log_probs=precompute, precompute_ref_batch_size=plan["batch"], gradient_checkpointing=False,
+        bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0, dataloader_pin_memory=False, report_to=[],
+        save_strategy="no", eval_strategy="no", logging_steps=total + 1, disable_tqdm=True, seed=plan["seed"],
+        max_grad_norm=0.0, disable_dropout=True, model_init_kwargs={"dtype": torch.float32})
+    tokenizer = AutoTokenizer.from_pretrained(plan["model"])
+    tokenizer.pad_token = plan["pad_token"]
+    t0 = time.perf_counter()
+    trainer = PlanDPOTrainer(model=plan["model"], args=args, train_dataset=Dataset.from_dict(trl_dataset(plan)),
+                             processing_class=tokenizer, data_collator=collate, callbacks=[StepEnd()])
+    init = time.perf_counter() - t0
+    clock.tokens.clear()  # the precompute pass used the collator too
+    trainer.train()
+    return clock.result(init)
+
+
+def run_variant(name: str, plan_path: Path) -> dict:
+    """Run one variant and return its measurements (with this process's peak RSS)."""
+    from benchlib import self_peak_rss
+
+    plan = json.loads(plan_path.read_text())
+    work = plan_path.parent
+    runners = {"dpocache": run_dpocache, "bare": run_bare, "forward": run_forward,
+               "trl_precompute": lambda p, w: run_trl(p, w, precompute=True),
+               "trl_live": lambda p, w: run_trl(p, w, precompute=False)}
+    out = runners[name](plan, work)
+    out.update(variant=name, peak_rss=self_peak_rss())
+    return out
