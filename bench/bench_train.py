@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="few pairs, short sequences, few steps")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per child process")
+    parser.add_argument("--mmap_threshold", type=int, help="glibc MALLOC_MMAP_THRESHOLD_ (bytes) for every variant "
+                        "(default: glibc's dynamic threshold); peak RSS depends on it, see BENCHMARKS.md")
     parser.add_argument("--keep", help="work directory to keep (default: a temporary one, removed)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
@@ -121,6 +123,7 @@ def padding_fraction(plan: dict) -> float:
 
 def summarize(args, results: dict, plan: dict, stage_one: dict, params: int) -> dict:
     out = {"bench": "train", "model": args.model, "params": params, "batch": args.batch,
+           "mmap_threshold": args.mmap_threshold,
            "max_length": args.max_length, "pairs": len(plan["chosen_ids"]), "warmup_steps": args.warmup,
            "window_steps": args.window, "repeats": args.repeats, "quick": args.quick,
            "padded_fraction": round(padding_fraction(plan), 3),
@@ -174,6 +177,9 @@ def main(argv=None) -> None:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
     home = work / "home"
+    env = child_env(home)
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     try:
         model_dir = bench_model(work, args.model)
         stage_one = score_store(args, work, model_dir, home)
@@ -181,7 +187,7 @@ def main(argv=None) -> None:
         results = {}
         for name in args.variants:
             cmd = [sys.executable, str(REPO / "bench" / "bench_train.py"), "--child", name, "--plan", str(plan_path)]
-            run = run_child(cmd, env=child_env(home), log=work / f"{name}.log", timeout=args.timeout)
+            run = run_child(cmd, env=env, log=work / f"{name}.log", timeout=args.timeout)
             results[name] = dict(run["json"][-1], peak_rss=run["peak_rss"])
             print(f"bench_train: {name} done in {run['seconds']:.0f} s", file=sys.stderr)
         plan = json.loads(plan_path.read_text())

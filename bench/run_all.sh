@@ -30,6 +30,7 @@ if [ "$QUICK" = 1 ]; then
         "bench/bench_train.py --quick"
         "bench/bench_train.py --model smollm2 --quick"
         "bench/bench_scale.py --quick"
+        "bench/bench_logps.py --repeats 1 --length 128"
     )
 else
     OUT=bench
@@ -44,6 +45,7 @@ else
         "bench/bench_train.py"
         "bench/bench_train.py --model smollm2"
         "bench/bench_scale.py"
+        "bench/bench_logps.py"
     )
 fi
 mkdir -p "$OUT"

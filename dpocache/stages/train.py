@@ -34,7 +34,7 @@ from dpocache.stages.examples import (Examples, data_fingerprint, evaluate, forw
                                       load_training_data)
 from dpocache.stages.train_config import TrainConfig
 from dpocache.stages.train_extras import (add_lora, apply_liger_kernel, clip_grad, enable_gradient_checkpointing,
-                                          reduce_metrics, start_trackers)
+                                          limit_allocator_retention, reduce_metrics, start_trackers)
 from dpocache.tracking import JsonlWriter, MetricAverager, format_line
 
 __all__ = ["TrainConfig", "TrainState", "setup", "train", "save", "evaluate", "load_examples", "run_train"]
@@ -65,6 +65,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
     from transformers import get_scheduler
 
     check(model_cfg.model_name_or_path is not None, "train needs --model_name_or_path (the policy)")
+    if not torch.cuda.is_available():
+        limit_allocator_retention()
     accelerator = make_accelerator(cfg)
     sharded = is_deepspeed(accelerator)
     check(not (cfg.use_lora and cfg.merge_lora and zero_stage(accelerator) == 3),

@@ -91,3 +91,21 @@ def apply_liger_kernel(model, *, log=print) -> bool:
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
     log(f"--use_liger_kernel: Liger kernels applied to {type(model).__name__}")
     return True
+
+
+def limit_allocator_retention(threshold_mb: float = 4.0) -> bool:
+    """Serve allocations of ``threshold_mb`` and more with mmap, so freed activation buffers go back to the
+    system instead of staying in glibc's heap (on CPU the resident set otherwise keeps each step's peak and
+    drifts up). Linux/glibc only; a no-op elsewhere or when the environment already sets the threshold."""
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or threshold_mb <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
+    return bool(libc.mallopt(m_mmap_threshold, int(threshold_mb * 2**20)))
