@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import deepspeed  # noqa: F401  (make test installs it; a missing install must fail, not skip)
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -20,7 +21,6 @@ from conftest import conversational_rows, score_rows, write_jsonl
 from dpocache.cli import main
 from dpocache.tracking import read_jsonl
 
-pytest.importorskip("deepspeed", reason="make test installs deepspeed")
 CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs"
 KEYS = ("train_loss", "logps/chosen", "logps/rejected", "rewards/margin", "rewards/accuracy")
 
