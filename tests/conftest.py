@@ -105,12 +105,12 @@ def conversational_rows(n: int, seed: int = 0):
     return rows
 
 
-def score_rows(root: Path, model_dir: Path, rows) -> Path:
+def score_rows(root: Path, model_dir: Path, rows, *extra: str) -> Path:
     """Write ``rows`` as JSONL under ``root`` and score them with ``model_dir`` (stage one, the real CLI)
     into ``root/store``; returns the store directory."""
     from dpocache.cli import main
 
     data = write_jsonl(root / "prefs.jsonl", rows)
     assert main(["score", "--model_name_or_path", str(model_dir), "--dataset", str(data),
-                 "--store", str(root / "store")]) == 0
+                 "--store", str(root / "store"), *extra]) == 0
     return root / "store"

@@ -7,7 +7,7 @@ import torch
 from transformers import (AutoModelForCausalLM, FalconConfig, FalconForCausalLM, MistralConfig,
                           MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from conftest import conversational_rows, write_jsonl
+from conftest import score_rows, conversational_rows
 from dpocache.artifacts import ReferenceStore
 from dpocache.cli import main
 from dpocache.config import ConfigError
@@ -127,11 +127,8 @@ def test_probe_rejects_attention_that_crosses_boundaries(tmp_path, tokenizer_dir
 
 @pytest.fixture(scope="module")
 def scored_store(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("packing_store")
-    data = write_jsonl(root / "train.jsonl", conversational_rows(16, seed=5))
-    assert main(["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data),
-                 "--store", str(root / "store"), "--store_dataset", "d"]) == 0
-    return root / "store"
+    return score_rows(tmp_path_factory.mktemp("packing_store"), tiny_model_dir, conversational_rows(16, seed=5),
+                      "--store_dataset", "d")
 
 
 def test_forward_batch_packed_equals_padded(tiny_model_dir, scored_store):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import conversational_rows, write_jsonl
+from conftest import score_rows, conversational_rows
 from dpocache.checkpoint import complete_checkpoints
 from dpocache.cli import main
 from dpocache.tracking import read_jsonl
@@ -16,11 +16,8 @@ from dpocache.tracking import read_jsonl
 
 @pytest.fixture(scope="module")
 def scored_store(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("train_store")
-    data = write_jsonl(root / "train.jsonl", conversational_rows(32, seed=3))
-    assert main(["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data),
-                 "--store", str(root / "store"), "--store_dataset", "d"]) == 0
-    return root / "store"
+    return score_rows(tmp_path_factory.mktemp("train_store"), tiny_model_dir, conversational_rows(32, seed=3),
+                      "--store_dataset", "d")
 
 
 def train_args(model, store, out, *extra):
