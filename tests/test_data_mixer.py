@@ -6,12 +6,13 @@ import struct
 import subprocess
 import sys
 
+import datasets
 import numpy as np
 import pytest
 
 from conftest import conversational_rows, write_jsonl
 from dpocache.config import ConfigError
-from dpocache.data import DataConfig, example_hash, load_preference_data, prepare_tokenizer
+from dpocache.data import DataConfig, DataError, example_hash, load_preference_data, prepare_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -82,12 +83,27 @@ def test_rerun_reuses_the_tokenization_cache(tokenizer, tmp_path):
     cache = tmp_path / "cache"
     first = prepared(tokenizer, dataset=str(path), dataset_cache_dir=str(cache))
     files = {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")}
-    assert len(files) == 1
+    assert len(files) == 1  # the staged rows were removed; the cache holds tokens, not the JSON rows
+    (cached,) = files
+    columns = set(datasets.Dataset.from_file(str(cached)).column_names)
+    assert not {"chosen", "rejected"} & columns and {"row", "hash", "chosen_input_ids", "rejected_mask"} <= columns
     again = prepared(tokenizer, dataset=str(path), dataset_cache_dir=str(cache))
     assert {p: p.stat().st_mtime_ns for p in cache.glob("*.arrow")} == files  # not re-tokenized
     assert again.dataset["hash"] == first.dataset["hash"]
     prepared(tokenizer, dataset=str(path), dataset_cache_dir=str(cache), max_seq_length=64)
     assert len(list(cache.glob("*.arrow"))) == 2  # a setting that changes the tokens changes the fingerprint
+
+
+def test_a_bad_row_leaves_no_staged_rows_behind(tokenizer, tmp_path):
+    rows = conversational_rows(5)
+    rows[3] = {"chosen": rows[3]["chosen"]}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="line 4"):
+        prepared(tokenizer, dataset=str(path), dataset_cache_dir=str(cache))
+    assert list(cache.iterdir()) == []
+    skipped = prepared(tokenizer, dataset=str(path), dataset_cache_dir=str(cache), on_bad_row="skip")
+    assert len(skipped.dataset) == 4 and [p.name.startswith("rows-") for p in cache.iterdir()] == [False]
 
 
 def _golden(c_ids, c_mask, r_ids, r_mask):

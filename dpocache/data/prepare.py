@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -28,6 +30,7 @@ from dpocache.data.tokenize import HASH_VERSION, example_hash, tokenize_side
 
 EXAMPLE_COLUMNS = ["hash", "chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask"]
 TRUNCATION_DROP = "no_trainable_tokens_after_truncation"
+STAGE_BATCH = 1000  # validated rows buffered before they are written to the staging Arrow file
 
 
 @dataclass
@@ -49,9 +52,11 @@ def mixture_name(cfg: DataConfig) -> str:
     return _mixture_name(cfg.mixture(), cfg.mixer_list_splits, cfg.max_train_samples, cfg.seed)
 
 
-def validated_rows(source: str, split: str, cfg: DataConfig, stats: dict) -> list[tuple[str, str, str]]:
-    """Validated rows of one source as (row label, chosen JSON, rejected JSON); fills ``stats``."""
-    out: list[tuple[str, str, str]] = []
+def validated_rows(source: str, split: str, cfg: DataConfig, stats: dict) -> Iterator[tuple[str, str, str]]:
+    """Validated rows of one source as (row label, chosen JSON, rejected JSON), streamed.
+
+    ``stats`` is filled once the rows are exhausted (rows read, dropped by reason, detected format).
+    """
     dropped: Counter = Counter()
     first_seen: dict[str, str] = {}
     fmt = None if cfg.dataset_format == "auto" else cfg.dataset_format
@@ -68,12 +73,11 @@ def validated_rows(source: str, split: str, cfg: DataConfig, stats: dict) -> lis
             dropped[exc.reason] += 1
             first_seen.setdefault(exc.reason, str(exc))
             continue
-        out.append((label, json.dumps(chosen, ensure_ascii=False), json.dumps(rejected, ensure_ascii=False)))
+        yield label, json.dumps(chosen, ensure_ascii=False), json.dumps(rejected, ensure_ascii=False)
     stats.update(source=source, split=split, format=fmt or "unknown", rows_read=read, dropped=dict(dropped),
                  first_dropped=first_seen)
     if read == 0:
         raise DataError(source, None, f"no rows in split {split!r}", reason="empty")
-    return out
 
 
 def _detect(raw: object, source: str, label: str) -> str:
@@ -94,16 +98,59 @@ def _cache_dir(cfg: DataConfig) -> Path:
     return path
 
 
-def _fingerprint(rows, tokenizer, cfg: DataConfig) -> str:
+def _fingerprint(rows_digest: str, tokenizer, cfg: DataConfig) -> str:
     """Content fingerprint of a tokenization: rows, tokenizer, template and every setting that matters."""
     from dpocache.artifacts.identity import tokenizer_fingerprint
 
-    digest = hashlib.sha256()
-    for _, c, r in rows:
-        digest.update(c.encode() + b"\0" + r.encode() + b"\0")
     spec = [HASH_VERSION, tokenizer_fingerprint(tokenizer), tokenizer.chat_template, cfg.mask_mode, cfg.add_bos,
-            cfg.max_seq_length, digest.hexdigest(), 2]
+            cfg.max_seq_length, rows_digest, 3]
     return hashlib.sha256(json.dumps(spec, default=str).encode()).hexdigest()[:32]
+
+
+def _row_features():
+    import datasets
+
+    text = datasets.Value("string")
+    return datasets.Features({"row": text, "chosen": text, "rejected": text})
+
+
+def stage_rows(rows: Iterable[tuple[str, str, str]], directory: Path) -> tuple[Path | None, int, str]:
+    """Write validated rows to an Arrow file in ``directory`` in batches (memory stays flat in the row count).
+
+    Returns (path or None when there are no rows, row count, content digest of the rows).
+    """
+    from datasets.arrow_writer import ArrowWriter
+
+    digest = hashlib.sha256()
+    fd, name = tempfile.mkstemp(prefix="rows-", suffix=".arrow", dir=directory)
+    os.close(fd)
+    path = Path(name)
+    count = 0
+    try:
+        writer = ArrowWriter(features=_row_features(), path=str(path), writer_batch_size=STAGE_BATCH)
+        try:
+            batch: dict[str, list[str]] = {"row": [], "chosen": [], "rejected": []}
+            for label, c_json, r_json in rows:
+                digest.update(c_json.encode() + b"\0" + r_json.encode() + b"\0")
+                batch["row"].append(label)
+                batch["chosen"].append(c_json)
+                batch["rejected"].append(r_json)
+                count += 1
+                if len(batch["row"]) == STAGE_BATCH:
+                    writer.write_batch(batch)
+                    batch = {key: [] for key in batch}
+            if batch["row"]:
+                writer.write_batch(batch)
+            writer.finalize()
+        finally:
+            writer.close()
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if count == 0:
+        path.unlink(missing_ok=True)
+        return None, 0, digest.hexdigest()
+    return path, count, digest.hexdigest()
 
 
 def _features():
@@ -111,8 +158,7 @@ def _features():
 
     ids, mask = datasets.List(datasets.Value("int32")), datasets.List(datasets.Value("int8"))
     return datasets.Features({
-        "row": datasets.Value("string"), "chosen": datasets.Value("string"), "rejected": datasets.Value("string"),
-        "hash": datasets.Value("string"), "chosen_input_ids": ids, "chosen_mask": mask,
+        "row": datasets.Value("string"), "hash": datasets.Value("string"), "chosen_input_ids": ids, "chosen_mask": mask,
         "rejected_input_ids": ids, "rejected_mask": mask, "truncated": datasets.Value("bool"),
         "drop": datasets.Value("string"), "prompt_tokens": datasets.Value("int32"),
         "chosen_tokens": datasets.Value("int32"), "rejected_tokens": datasets.Value("int32"),
@@ -145,23 +191,32 @@ def _tokenize_batch(batch: dict, tokenizer, cfg: DataConfig, label: str, source:
     return out
 
 
-def tokenize_rows(rows, tokenizer, cfg: DataConfig, source: str, progress: bool):
-    """Tokenize validated rows with ``datasets.map`` (batched), cached on disk under a content fingerprint."""
+def tokenize_rows(rows: Iterable[tuple[str, str, str]], tokenizer, cfg: DataConfig, source: str, progress: bool):
+    """Tokenize validated rows with ``datasets.map`` (batched), cached on disk under a content fingerprint.
+
+    The rows are streamed to a temporary Arrow file first, so neither the rows nor their JSON stay in
+    memory; the cached result keeps the row labels and the tokenized columns only. Returns
+    (tokenized dataset or None when there were no rows, row count).
+    """
     import datasets
 
-    fp = _fingerprint(rows, tokenizer, cfg)
-    ds = datasets.Dataset.from_dict({"row": [r[0] for r in rows], "chosen": [r[1] for r in rows],
-                                     "rejected": [r[2] for r in rows]})
+    cache = _cache_dir(cfg)
+    path, count, digest = stage_rows(rows, cache)
+    if path is None:
+        return None, 0
+    fp = _fingerprint(digest, tokenizer, cfg)
     label = template_label(tokenizer, cfg)
     was_enabled = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()
     try:
-        return ds.map(_tokenize_batch, fn_kwargs=dict(tokenizer=tokenizer, cfg=cfg, label=label, source=source),
-                      batched=True, batch_size=256, features=_features(), new_fingerprint=fp,
-                      cache_file_name=str(_cache_dir(cfg) / f"{fp}.arrow"), load_from_cache_file=True,
-                      desc=f"tokenizing {Path(source).name}")
+        staged = datasets.Dataset.from_file(str(path))
+        return staged.map(_tokenize_batch, fn_kwargs=dict(tokenizer=tokenizer, cfg=cfg, label=label, source=source),
+                          batched=True, batch_size=256, features=_features(), remove_columns=["chosen", "rejected"],
+                          new_fingerprint=fp, cache_file_name=str(cache / f"{fp}.arrow"), load_from_cache_file=True,
+                          desc=f"tokenizing {Path(source).name}"), count
     finally:
+        path.unlink(missing_ok=True)  # the mapped result is its own file; the staged rows are not needed
         if was_enabled and not progress:
             datasets.enable_progress_bars()
 
@@ -181,13 +236,12 @@ def _process_source(i: int, source: str, amount: str, split: str, cfg: DataConfi
                     progress: bool):
     """(tokenized unique examples of one source, selected positions into them, stats)."""
     st: dict = {"amount": amount}
-    rows = validated_rows(source, split, cfg, st)
+    ds, _ = tokenize_rows(validated_rows(source, split, cfg, st), tokenizer, cfg, source, progress)
     st["dropped"].setdefault(TRUNCATION_DROP, 0)
     keep: list[int] = []
     dup = truncated = 0
-    ds = tokenize_rows(rows, tokenizer, cfg, source, progress) if rows else None
     if ds is not None:
-        for k, (h, drop, tr) in enumerate(zip(ds["hash"], ds["drop"], ds["truncated"])):
+        for k, (h, drop, tr) in enumerate(zip(ds["hash"][:], ds["drop"][:], ds["truncated"][:])):
             if drop:
                 st["dropped"][drop] += 1
                 continue
@@ -220,7 +274,7 @@ def prepare_examples(cfg: DataConfig, tokenizer, *, progress: bool = True):
         per_source.append(st)
         if ds is not None:
             parts.append(ds)
-            hashes = ds["hash"]
+            hashes = ds["hash"][:]
             order += [hashes[j] for j in pick]
     if cfg.max_train_samples is not None:
         order = order[: cfg.max_train_samples]
@@ -228,7 +282,7 @@ def prepare_examples(cfg: DataConfig, tokenizer, *, progress: bool = True):
         raise DataError(", ".join(s for s, _, _ in cfg.sources()), None, "no usable examples left after "
                         "validation, truncation and sampling", reason="empty")
     everything = datasets.concatenate_datasets(parts)
-    position = {h: k for k, h in enumerate(everything["hash"])}
+    position = {h: k for k, h in enumerate(everything["hash"][:])}
     unique = list(dict.fromkeys(order))
     dataset = everything.select([position[h] for h in unique])
     totals = {key: sum(s[key] for s in per_source) for key in ("rows_read", "kept", "duplicates", "truncated")}

@@ -26,7 +26,7 @@ def _validate_only(cfg: DataConfig) -> dict:
     sources = []
     for source, amount, split in cfg.sources():
         st: dict = {"amount": amount}
-        st["kept"] = len(validated_rows(source, split, cfg, st))
+        st["kept"] = sum(1 for _ in validated_rows(source, split, cfg, st))
         sources.append(st)
     return {"list_name": mixture_name(cfg), "sources": sources,
             "totals": {"rows_read": sum(s["rows_read"] for s in sources), "kept": sum(s["kept"] for s in sources),

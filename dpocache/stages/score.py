@@ -189,7 +189,7 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, 
     store = ReferenceStore.create_or_open(root, identity, versions=info)
     existing = store.hashes()
     parts, index = _partition(score_cfg)
-    hashes = prepared.dataset["hash"]
+    hashes = prepared.dataset["hash"][:]  # a list: a datasets Column reads element by element
     chunks = plan_chunks(hashes, existing, score_cfg.rows_per_shard, parts, index)
     reused = sum(1 for h in hashes if h in existing)
     name = score_cfg.store_dataset or prepared.name
