@@ -6,7 +6,8 @@ optimizer step, the non-pad tokens it processed and the time the step ended. Var
 - ``dpocache``: stage two through ``dpocache.stages.train`` (``setup`` + ``train``) on the scored store;
 - ``trl_precompute`` / ``trl_live``: TRL's ``DPOTrainer`` with precomputed reference log-probs, or with a
   live reference model, fed the same token ids in the same batches;
-- ``bare``: a plain forward + backward + AdamW loop (loss: mean log-prob of the trainable tokens);
+- ``bare``: a plain forward + backward + AdamW loop (loss: mean log-prob of the trainable tokens; AdamW fused,
+  the default of dpocache and TRL);
 - ``forward``: a plain ``no_grad`` forward loop computing the same per-token log-probs.
 """
 
@@ -69,7 +70,7 @@ def run_bare(plan: dict, work: Path) -> dict:
 
     t0 = time.perf_counter()
     model = _load_model(plan).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=plan["lr"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=plan["lr"], weight_decay=0.0, fused=True)
     init = time.perf_counter() - t0
     clock = StepClock()
     for idx in plan["steps"]:
@@ -190,7 +191,7 @@ def run_trl(plan: dict, work: Path, *, precompute: bool) -> dict:
     total = len(plan["steps"])
     args = DPOConfig(
         output_dir=str(work / "trl-out"), per_device_train_batch_size=plan["batch"], gradient_accumulation_steps=1,
-        learning_rate=plan["lr"], optim="adamw_torch", weight_decay=0.0, lr_scheduler_type="linear",
+        learning_rate=plan["lr"], optim="adamw_torch_fused", weight_decay=0.0, lr_scheduler_type="linear",
         max_steps=total, max_length=plan["max_length"], beta=0.1, loss_type=["sigmoid"],
         precompute_ref_log_probs=precompute, precompute_ref_batch_size=plan["batch"], gradient_checkpointing=False,
         bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0, dataloader_pin_memory=False, report_to=[],

@@ -91,7 +91,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps))
     total = cfg.max_train_steps or steps_per_epoch * cfg.num_epochs
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=cfg.fused_optimizer or None)
     scheduler = get_scheduler(cfg.lr_scheduler_type if cfg.lr_scheduler_type != "constant"
                               else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)

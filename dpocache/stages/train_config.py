@@ -72,6 +72,9 @@ class TrainConfig:
     logps_keep_mb: float = opt(1024.0, "Memory (MiB) of output-head logits --fused_logps keeps for backward; "
                                "chunks beyond it are recomputed in backward (0: recompute all, least memory).",
                                group="efficiency")
+    fused_optimizer: bool = opt(True, "AdamW's fused implementation (one kernel over all parameters, CPU and "
+                                "CUDA; 4-5x faster optimizer steps on CPU); off: the for-each implementation.",
+                                group="efficiency")
     use_liger_kernel: bool = opt(False, "Patch the model with Liger's Triton kernels (RMSNorm, RoPE, SwiGLU); "
                                  "needs a CUDA GPU and liger-kernel. Without a GPU: a message and the plain "
                                  "kernels.", group="efficiency")
