@@ -53,12 +53,13 @@ def assert_same(a, b, tol):
 
 def test_full_logits_path_trains_identically(deep_model, store, baseline, tmp_path, capsys):
     plain = train(deep_model, store, tmp_path / "plain", "--fused_logps", "false")
-    assert "log-probs: full logits" in capsys.readouterr().out
+    assert "log-probs: full logits; AdamW: fused" in capsys.readouterr().out
     assert_same(baseline, plain, 1e-5)
 
 
-def test_fused_and_for_each_adamw_train_alike(deep_model, store, baseline, baseline_dir, tmp_path):
+def test_fused_and_for_each_adamw_train_alike(deep_model, store, baseline, baseline_dir, tmp_path, capsys):
     loop = train(deep_model, store, tmp_path / "loop", "--fused_optimizer", "false")
+    assert "AdamW: for-each" in capsys.readouterr().out
     assert_same(baseline, loop, 1e-5)  # steps 2 and 3 see the weights each optimizer produced
     start, fused, for_each = (AutoModelForCausalLM.from_pretrained(p).state_dict()
                               for p in (deep_model, baseline_dir, tmp_path / "loop"))

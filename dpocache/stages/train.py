@@ -107,6 +107,7 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
         log(f"stage two: no complete checkpoint in {cfg.output_dir}; starting from scratch")
     if sharded:
         configure_deepspeed(accelerator, cfg, model.config)
+    adamw = "fused" if optimizer.defaults.get("fused") else "for-each"
     logp_model, optimizer = accelerator.prepare(logp_model, optimizer)
     if cfg.fused_logps:
         with torch.no_grad():
@@ -114,7 +115,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
     if cfg.packing:
         require_packing(accelerator.unwrap_model(logp_model))
     path = "chunked, trainable positions only" if accelerator.unwrap_model(logp_model).selected else "full logits"
-    log(f"stage two: engine {engine_name(accelerator)} x {accelerator.num_processes} process(es); log-probs: {path}")
+    log(f"stage two: engine {engine_name(accelerator)} x {accelerator.num_processes} process(es); log-probs: {path}; "
+        f"AdamW: {adamw}")
     if ckpt is not None:
         if sharded:
             load_optimizer_partition(ckpt / f"optimizer_rank{accelerator.process_index:05d}.safetensors", optimizer,
