@@ -6,7 +6,10 @@ batch size and max length, fp32 on CPU. Variants (each in its own child process,
 variant): dpocache stage two on a store scored by ``dpocache score``; TRL ``DPOTrainer`` with
 precomputed reference log-probs and with a live reference model; a bare forward+backward+AdamW loop;
 a plain ``no_grad`` forward loop. Throughput = non-pad tokens of chosen + rejected per second over
-windows of optimizer steps after the warm-up; the median window is reported. Prints one JSON line.
+windows of optimizer steps after the warm-up; the median window is reported. With ``--runs N`` every
+variant runs N times (round-robin, so load drifts hit all variants alike): tokens/s is the median over
+the windows of all runs, peak RSS the median over the runs (each run's peak is listed too). Prints one
+JSON line.
 
     python bench/bench_train.py                   # the ~8M Llama, 8 pairs per step, up to 256 tokens
     python bench/bench_train.py --model smollm2   # SmolLM2-135M-Instruct, 4 pairs per step, up to 192 tokens
@@ -26,9 +29,9 @@ from benchlib import (REPO, bench_model, child_env, count_params, median, run_ch
                       write_jsonl)
 from train_variants import VARIANTS, run_variant
 
-SIZES = {"tiny": {"batch": 8, "max_length": 256, "pairs": 128, "warmup": 2, "window": 4, "repeats": 3},
-         "smollm2": {"batch": 4, "max_length": 192, "pairs": 32, "warmup": 1, "window": 2, "repeats": 3}}
-QUICK = {"pairs": 32, "warmup": 1, "window": 2, "repeats": 2, "max_length": 128}
+SIZES = {"tiny": {"batch": 8, "max_length": 256, "pairs": 128, "warmup": 2, "window": 4, "repeats": 3, "runs": 1},
+         "smollm2": {"batch": 4, "max_length": 192, "pairs": 32, "warmup": 1, "window": 2, "repeats": 3, "runs": 3}}
+QUICK = {"pairs": 32, "warmup": 1, "window": 2, "repeats": 2, "max_length": 128, "runs": 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="optimizer steps excluded from timing (>= 1)")
     parser.add_argument("--window", type=int, help="optimizer steps per timed window")
     parser.add_argument("--repeats", type=int, help="timed windows (the median is reported)")
+    parser.add_argument("--runs", type=int, help="child processes per variant (peak RSS: the median run)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="few pairs, short sequences, few steps")
@@ -54,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in sizes.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.warmup < 1 or args.window < 1 or args.repeats < 1:
-        parser.error("--warmup, --window and --repeats must be >= 1")
+    if min(args.warmup, args.window, args.repeats, args.runs) < 1:
+        parser.error("--warmup, --window, --repeats and --runs must be >= 1")
     return args
 
 
@@ -121,32 +125,35 @@ def padding_fraction(plan: dict) -> float:
     return 1 - real / total
 
 
-def summarize(args, results: dict, plan: dict, stage_one: dict, params: int) -> dict:
+def summarize(args, results: dict[str, list[dict]], plan: dict, stage_one: dict, params: int) -> dict:
+    """One JSON line from every run of every variant (``results[name]``: one dict per child process)."""
     out = {"bench": "train", "model": args.model, "params": params, "batch": args.batch,
            "mmap_threshold": args.mmap_threshold,
            "max_length": args.max_length, "pairs": len(plan["chosen_ids"]), "warmup_steps": args.warmup,
-           "window_steps": args.window, "repeats": args.repeats, "quick": args.quick,
+           "window_steps": args.window, "repeats": args.repeats, "runs": args.runs, "quick": args.quick,
            "padded_fraction": round(padding_fraction(plan), 3),
            "stage_one_seconds": round(stage_one["seconds"], 1),
            "stage_one_peak_rss_mb": round(stage_one["peak_rss"] / 2**20)}
     expected = [sum(len(plan["chosen_ids"][i]) + len(plan["rejected_ids"][i]) for i in idx) for idx in plan["steps"]]
-    for name, res in results.items():
-        rates = window_rates(res, args.warmup, args.window, args.repeats)
+    peaks = {}
+    for name, runs in results.items():
+        rates = [x for res in runs for x in window_rates(res, args.warmup, args.window, args.repeats)]
+        cpu = [x for res in runs for x in window_rates(res, args.warmup, args.window, args.repeats, "step_cpu")]
+        peaks[name] = median([res["peak_rss"] for res in runs])
         out[f"{name}_tok_s"] = round(median(rates), 1)
         out[f"{name}_tok_s_windows"] = [round(r, 1) for r in rates]
-        out[f"{name}_tok_per_cpu_s"] = round(median(window_rates(res, args.warmup, args.window, args.repeats,
-                                                                 "step_cpu")), 1)
-        out[f"{name}_peak_rss_mb"] = round(res["peak_rss"] / 2**20)
-        out[f"{name}_init_seconds"] = round(res["init_seconds"], 1)
-        out[f"{name}_same_batches"] = res["step_tokens"] == expected
+        out[f"{name}_tok_per_cpu_s"] = round(median(cpu), 1)
+        out[f"{name}_peak_rss_mb"] = round(peaks[name] / 2**20)
+        out[f"{name}_peak_rss_mb_runs"] = [round(res["peak_rss"] / 2**20) for res in runs]
+        out[f"{name}_init_seconds"] = round(median([res["init_seconds"] for res in runs]), 1)
+        out[f"{name}_same_batches"] = all(res["step_tokens"] == expected for res in runs)
     if "dpocache" in results:
-        mine = results["dpocache"]["peak_rss"]
         for name in results:
             if name != "dpocache":
                 out[f"dpocache_over_{name}"] = round(out["dpocache_tok_s"] / out[f"{name}_tok_s"], 3)
                 cpu = out["dpocache_tok_per_cpu_s"] / out[f"{name}_tok_per_cpu_s"]
                 out[f"dpocache_over_{name}_cpu"] = round(cpu, 3)
-                out[f"dpocache_rss_over_{name}"] = round(mine / results[name]["peak_rss"], 3)
+                out[f"dpocache_rss_over_{name}"] = round(peaks["dpocache"] / peaks[name], 3)
     out["targets"] = targets(out)
     return out
 
@@ -184,12 +191,15 @@ def main(argv=None) -> None:
         model_dir = bench_model(work, args.model)
         stage_one = score_store(args, work, model_dir, home)
         plan_path = make_plan(args, work, model_dir, stage_one["store"])
-        results = {}
-        for name in args.variants:
-            cmd = [sys.executable, str(REPO / "bench" / "bench_train.py"), "--child", name, "--plan", str(plan_path)]
-            run = run_child(cmd, env=env, log=work / f"{name}.log", timeout=args.timeout)
-            results[name] = dict(run["json"][-1], peak_rss=run["peak_rss"])
-            print(f"bench_train: {name} done in {run['seconds']:.0f} s", file=sys.stderr)
+        results: dict[str, list[dict]] = {name: [] for name in args.variants}
+        for k in range(args.runs):
+            for name in args.variants:
+                cmd = [sys.executable, str(REPO / "bench" / "bench_train.py"), "--child", name, "--plan",
+                       str(plan_path)]
+                run = run_child(cmd, env=env, log=work / f"{name}-{k}.log", timeout=args.timeout)
+                results[name].append(dict(run["json"][-1], peak_rss=run["peak_rss"]))
+                print(f"bench_train: {name} run {k + 1}/{args.runs} done in {run['seconds']:.0f} s",
+                      file=sys.stderr)
         plan = json.loads(plan_path.read_text())
         print(json.dumps(summarize(args, results, plan, stage_one, count_params(model_dir))))
     finally:

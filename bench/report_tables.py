@@ -125,7 +125,8 @@ def stage_two(rows: list[dict]) -> list[str]:
              "pre-tokenized (prompt = everything before the first trainable token), `report_to=[]`, DPO sigmoid "
              "loss, beta 0.1 (dpocache: `--loss_type dpo --beta 0.1`). Tokens/s = non-pad tokens of chosen + "
              "rejected per second, median of timed windows after warm-up steps (tokens/CPU-s: per second of "
-             "process CPU time, less sensitive to other load); peak RSS of each process (wait4). \"setup s\" "
+             "process CPU time, less sensitive to other load); peak RSS of each process (wait4), the median run "
+             "when each variant ran several times (round-robin). \"setup s\" "
              "is model loading (TRL with precompute: plus its reference pass).", ""]
     found = False
     for model, title in (("tiny", "~8M-parameter Llama (hidden 128, 8 layers, head_dim 64, SmolLM2 vocabulary)"),
@@ -137,7 +138,8 @@ def stage_two(rows: list[dict]) -> list[str]:
         lines += [f"### {title}", "",
                   f"`{r['command']}`: {r['params'] / 1e6:.1f}M parameters, {r['pairs']} pairs, batch {r['batch']}, "
                   f"max length {r['max_length']}, {r['warmup_steps']} warm-up step(s), {r['repeats']} windows of "
-                  f"{r['window_steps']} step(s), {100 * r['padded_fraction']:.0f}% pad tokens in the batches; "
+                  f"{r['window_steps']} step(s) per run, {r.get('runs', 1)} run(s) per variant, "
+                  f"{100 * r['padded_fraction']:.0f}% pad tokens in the batches; "
                   f"stage one (`dpocache score`) took {r['stage_one_seconds']} s.", "",
                   "| variant | tokens/s | dpocache speed-up | tokens/CPU-s | peak RSS (MB) | dpocache RSS ratio | "
                   "setup s | same batches |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -147,12 +149,19 @@ def stage_two(rows: list[dict]) -> list[str]:
             speed = "1.00" if key == "dpocache" else _fmt(r.get(f"dpocache_over_{key}"), 2)
             rss = "1.00" if key == "dpocache" else _fmt(r.get(f"dpocache_rss_over_{key}"), 2)
             lines.append(f"| {label} | {_fmt(r[f'{key}_tok_s'])} | {speed} | {_fmt(r.get(f'{key}_tok_per_cpu_s'))} | "
-                         f"{_fmt(r[f'{key}_peak_rss_mb'])} | "
+                         f"{_peak(r, key)} | "
                          f"{rss} | {r[f'{key}_init_seconds']} | {_fmt(r[f'{key}_same_batches'])} |")
         lines.append("")
     lines += ["Embedded default end to end (`dpocache run`, SmolLM2-135M-Instruct, 8 pairs per step, idle machine; not "
               "re-measured by `run_all.sh`): 80 steps in 316 s, ~240 non-pad tokens/s at the end of the run.", ""]
     return lines + ([] if found else [NOT_RUN, ""])
+
+
+def _peak(r: dict, key: str) -> str:
+    """The median peak RSS, with every run's peak when there were several."""
+    runs = r.get(f"{key}_peak_rss_mb_runs", [])
+    text = _fmt(r[f"{key}_peak_rss_mb"])
+    return text + (f" ({', '.join(_fmt(x) for x in runs)})" if len(runs) > 1 else "")
 
 
 def padding(rows: list[dict]) -> list[str]:
