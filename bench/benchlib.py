@@ -190,4 +190,4 @@ def machine() -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     return {"bench": "machine", "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1), "cpu": cpu,
-            "python": platform.python_version(), **versions}
+            "python": platform.python_version(), "load_average": [round(x, 2) for x in os.getloadavg()], **versions}

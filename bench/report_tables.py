@@ -36,10 +36,18 @@ def header(rows: list[dict], run_command: str) -> list[str]:
              f"`{run_command}`{' (quick sizes: smoke numbers only)' if quick else ''}; the raw JSON lines are in "
              "`bench/results.jsonl`. Each table names the command that produced it; throughputs are medians of "
              "the repeats each script makes.", "",
-             "The variants of one table run back to back in separate processes, so their ratios are the figures "
-             "to compare. The machine was shared with other work during this run: absolute numbers are noisy "
-             "and may be re-measured on an idle machine.", ""]
+             "The variants of one table run back to back in separate processes, one benchmark at a time, so "
+             "their ratios are the figures to compare; absolute numbers also move with any other load on the "
+             "machine." + _load(m), ""]
     return lines
+
+
+def _load(m: dict) -> str:
+    load = m.get("load_average")
+    if not load:
+        return ""
+    return (f" Load average when the run started (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load)} on "
+            f"{m.get('cores', '?')} cores.")
 
 
 def targets(rows: list[dict]) -> list[str]:

@@ -88,3 +88,26 @@ def test_tracking_writes_offline_runs(tiny_model_dir, store, tmp_path, monkeypat
         assert runs and list(runs[0].glob("*.wandb"))
     captured = capsys.readouterr()
     assert "x" * 40 not in captured.out + captured.err
+
+
+def test_heap_trimmer_returns_freed_heap_pages_to_the_system():
+    import os
+
+    from dpocache.stages.train_extras import heap_trimmer
+
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    release = heap_trimmer(min_free_mb=64)
+    assert release is not None  # Linux/glibc
+    blocks = [bytearray(64 * 1024) for _ in range(4000)]  # ~250 MB in heap chunks (below the mmap threshold)
+    pin = bytearray(64 * 1024)  # keeps the top of the heap in use, so free() alone cannot shrink it
+    before = rss()
+    del blocks
+    held = rss()
+    assert held > before - 64 * 2**20  # freed, yet still resident
+    assert release() is True
+    assert rss() < held - 150 * 2**20
+    assert heap_trimmer(min_free_mb=10**6)() is False  # below the limit: no trim
+    del pin

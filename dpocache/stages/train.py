@@ -34,7 +34,7 @@ from dpocache.stages.examples import (Examples, data_fingerprint, evaluate, forw
                                       load_training_data)
 from dpocache.stages.train_config import TrainConfig
 from dpocache.stages.train_extras import (add_lora, apply_liger_kernel, clip_grad, enable_gradient_checkpointing,
-                                          limit_allocator_retention, reduce_metrics, start_trackers)
+                                          heap_trimmer, limit_allocator_retention, reduce_metrics, start_trackers)
 from dpocache.tracking import JsonlWriter, MetricAverager, format_line
 
 __all__ = ["TrainConfig", "TrainState", "setup", "train", "save", "evaluate", "load_examples", "run_train"]
@@ -196,6 +196,7 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
     tokens, t0 = 0, time.perf_counter()
     seen = start * cfg.gradient_accumulation_steps
     state.logp_model.train()
+    trim = heap_trimmer() if cfg.release_host_memory and acc.device.type == "cpu" else None
     for step in range(start + 1, state.total_steps + 1):
         grad_norm = None
         for _ in range(cfg.gradient_accumulation_steps):
@@ -217,6 +218,8 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
                     grad_norm = clip_grad(acc, state.logp_model, cfg.max_grad_norm)
                 state.optimizer.step()
                 state.optimizer.zero_grad(set_to_none=True)
+                if trim is not None and acc.sync_gradients:
+                    trim()
             averager.add(batch_metrics(out))
             if aux is not None:
                 averager.add({"aux_loss": float(aux.detach())})

@@ -109,3 +109,35 @@ def limit_allocator_retention(threshold_mb: float = 4.0) -> bool:
         return False
     m_mmap_threshold = -3  # glibc's M_MMAP_THRESHOLD
     return bool(libc.mallopt(m_mmap_threshold, int(threshold_mb * 2**20)))
+
+
+def heap_trimmer(min_free_mb: float = 512.0):
+    """A callable that returns glibc's free heap pages to the system (``malloc_trim(0)``) when at least
+    ``min_free_mb`` sit free in the heap (``mallinfo2``), or None off glibc.
+
+    Called after each optimizer step on CPU: the step's activations are freed by then, and without it
+    their pages stay resident while the next step allocates on top of them. Small models free little
+    per step and skip the trim (re-touching trimmed pages would cost them more than it saves).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim, info = libc.malloc_trim, libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                         "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    trim.argtypes, info.restype = [ctypes.c_size_t], MallInfo2
+    limit = int(min_free_mb * 2**20)
+
+    def release() -> bool:
+        return info().fordblks >= limit and bool(trim(0))
+
+    return release
