@@ -114,10 +114,10 @@ def _row_features():
     return datasets.Features({"row": text, "chosen": text, "rejected": text})
 
 
-def stage_rows(rows: Iterable[tuple[str, str, str]], directory: Path) -> tuple[Path | None, int, str]:
+def stage_rows(rows: Iterable[tuple[str, str, str]], directory: Path) -> tuple[Path | None, str]:
     """Write validated rows to an Arrow file in ``directory`` in batches (memory stays flat in the row count).
 
-    Returns (path or None when there are no rows, row count, content digest of the rows).
+    Returns (path, or None when there are no rows; content digest of the rows).
     """
     from datasets.arrow_writer import ArrowWriter
 
@@ -149,8 +149,8 @@ def stage_rows(rows: Iterable[tuple[str, str, str]], directory: Path) -> tuple[P
         raise
     if count == 0:
         path.unlink(missing_ok=True)
-        return None, 0, digest.hexdigest()
-    return path, count, digest.hexdigest()
+        return None, digest.hexdigest()
+    return path, digest.hexdigest()
 
 
 def _features():
@@ -195,15 +195,15 @@ def tokenize_rows(rows: Iterable[tuple[str, str, str]], tokenizer, cfg: DataConf
     """Tokenize validated rows with ``datasets.map`` (batched), cached on disk under a content fingerprint.
 
     The rows are streamed to a temporary Arrow file first, so neither the rows nor their JSON stay in
-    memory; the cached result keeps the row labels and the tokenized columns only. Returns
-    (tokenized dataset or None when there were no rows, row count).
+    memory; the cached result keeps the row labels and the tokenized columns only. Returns None when
+    there were no rows.
     """
     import datasets
 
     cache = _cache_dir(cfg)
-    path, count, digest = stage_rows(rows, cache)
+    path, digest = stage_rows(rows, cache)
     if path is None:
-        return None, 0
+        return None
     fp = _fingerprint(digest, tokenizer, cfg)
     label = template_label(tokenizer, cfg)
     was_enabled = datasets.is_progress_bar_enabled()
@@ -214,7 +214,7 @@ def tokenize_rows(rows: Iterable[tuple[str, str, str]], tokenizer, cfg: DataConf
         return staged.map(_tokenize_batch, fn_kwargs=dict(tokenizer=tokenizer, cfg=cfg, label=label, source=source),
                           batched=True, batch_size=256, features=_features(), remove_columns=["chosen", "rejected"],
                           new_fingerprint=fp, cache_file_name=str(cache / f"{fp}.arrow"), load_from_cache_file=True,
-                          desc=f"tokenizing {Path(source).name}"), count
+                          desc=f"tokenizing {Path(source).name}")
     finally:
         path.unlink(missing_ok=True)  # the mapped result is its own file; the staged rows are not needed
         if was_enabled and not progress:
@@ -236,7 +236,7 @@ def _process_source(i: int, source: str, amount: str, split: str, cfg: DataConfi
                     progress: bool):
     """(tokenized unique examples of one source, selected positions into them, stats)."""
     st: dict = {"amount": amount}
-    ds, _ = tokenize_rows(validated_rows(source, split, cfg, st), tokenizer, cfg, source, progress)
+    ds = tokenize_rows(validated_rows(source, split, cfg, st), tokenizer, cfg, source, progress)
     st["dropped"].setdefault(TRUNCATION_DROP, 0)
     keep: list[int] = []
     dup = truncated = 0
