@@ -38,7 +38,7 @@ BAD_ROWS = [
      "the prompts (turns before the last) of chosen and rejected differ"),
     ({"chosen": [A("a"), U], "rejected": [A("a"), U]}, "the last turn of `chosen` is 'user', not the assistant's"),
     ({"chosen": [{"role": "wizard", "content": "x"}, A("a")], "rejected": [{"role": "wizard", "content": "x"}, A("b")]},
-     "`chosen`[0] has unknown role 'wizard' (expected system, user or assistant)"),
+     "`chosen`[0] has unknown role 'wizard' (expected system, user, assistant or tool)"),
     ({"chosen": [U, A("a")], "rejected": "just text"},
      "`rejected` must be a list of {role, content} messages, got str"),
     ({"chosen": [U, A(""), U, A("a")], "rejected": [U, A(""), U, A("b")]}, "the assistant turn 1 of `chosen` is empty"),
@@ -135,3 +135,55 @@ def test_cli_prints_message_not_traceback(tokenizer_dir, tmp_path, capsys):
     assert main(["data", "--dataset", str(path), "--tokenizer_name_or_path", str(tokenizer_dir)]) == 2
     err = capsys.readouterr().err
     assert "line 1: chosen and rejected are identical" in err and "Traceback" not in err
+
+
+def test_unparsable_lines_stop_or_are_skipped_and_counted(tokenizer, tmp_path):
+    good = [json.dumps(r).encode() for r in conversational_rows(3)]
+    surrogate = json.dumps({"chosen": [U, A("bad \ud800 text")], "rejected": [U, A("b")]})  # "\ud800" escaped
+    assert "\\ud800" in surrogate
+    bad = [(b"{not json", "not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
+           (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to parse"),
+           (surrogate.encode(), "the text holds \\ud800, a lone surrogate that is not valid Unicode"),
+           (b'{"chosen": "caf\xe9"}', "not UTF-8 text (invalid continuation byte at byte 15), so not JSON Lines")]
+    for k, (line, message) in enumerate(bad):  # each defect stops a strict run, naming its line
+        path = tmp_path / f"bad{k}.jsonl"
+        path.write_bytes(good[0] + b"\n" + line + b"\n" + good[1] + b"\n")
+        with pytest.raises(DataError) as err:
+            load(tokenizer, path)
+        assert str(err.value) == f"{path}, line 2: {message}"
+    path = tmp_path / "truncated.jsonl"
+    path.write_bytes(good[0] + b"\n" + b'{"chosen": [')
+    with pytest.raises(DataError, match=r"line 2: truncated last line \(incomplete JSON: Expecting value at column "
+                                        r"13\)$"):
+        load(tokenizer, path)
+    path = tmp_path / "all.jsonl"  # every defect in one file, a UTF-8 byte-order mark first (not a defect)
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join([good[0], *(x for x, _ in bad), good[1], good[2], b'{"chosen": [']))
+    data = load(tokenizer, path, on_bad_row="skip")
+    assert len(data.dataset) == 3
+    assert data.stats["sources"][0]["dropped"] == {"invalid_json": 2, "invalid_text": 1, "not_json": 1,
+                                                   "truncated_line": 1}
+    bom_json = tmp_path / "bom.json"
+    bom_json.write_bytes(b"\xef\xbb\xbf" + json.dumps(conversational_rows(2)).encode())
+    assert len(load(tokenizer, bom_json).dataset) == 2
+
+
+NO_SYSTEM_TEMPLATE = (  # the shape of Gemma's and Mistral's templates: some conversations are refused
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_rows_the_chat_template_refuses(tokenizer, tmp_path, capsys):
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    system = {"role": "system", "content": "Be brief."}
+    rows = conversational_rows(3) + [{"chosen": [system, U, A("a")], "rejected": [system, U, A("b")]}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows + conversational_rows(2, seed=5))
+    with pytest.raises(DataError) as err:
+        load(tokenizer, path)
+    assert str(err.value) == (f"{path}, line 4: the chat template of tokenizer {tokenizer.name_or_path!r} refused "
+                              "the conversation (System role not supported)")
+    data = load(tokenizer, path, on_bad_row="skip")  # the tokenized cache is reused: the drop is still counted
+    assert len(data.dataset) == 5 and data.stats["sources"][0]["dropped"] == {"template_refused": 1}
+    assert f"first template_refused: {path}, line 4: the chat template" in capsys.readouterr().err
+    with pytest.raises(DataError, match="line 4: .* refused the conversation"):
+        load(tokenizer, path)  # and a strict run after the skip run still stops

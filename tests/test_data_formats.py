@@ -72,6 +72,86 @@ def test_hh_rlhf_strings_from_save_to_disk(tokenizer, tmp_path):
     assert trainable_text(tok, ex["chosen_input_ids"], ex["chosen_mask"]) == "Fine, thanks.<|im_end|>\n"
 
 
+def test_dataset_repository_folder_and_compressed_files(tokenizer, tmp_path):
+    """A downloaded dataset repository: splits found by the `datasets` file-name conventions, in a data/
+    subfolder; JSON Lines compressed with gzip, bz2 or xz."""
+    import bz2
+    import gzip
+    import lzma
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n")
+    rows = conversational_rows(9, seed=2)
+    pq.write_table(pa.Table.from_pylist(rows[:3]), repo / "data" / "train_prefs-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3:5]), repo / "data" / "train_prefs-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[5:7]), repo / "data" / "test_prefs-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[7:]), repo / "data" / "train_sft-00000-of-00001.parquet")
+    data, _ = prepared(tokenizer, dataset=str(repo), mixer_list_splits=["train_prefs"])
+    assert len(data.dataset) == 5  # not the train_sft or test_prefs files
+    data, _ = prepared(tokenizer, dataset=str(repo), mixer_list_splits=["test_prefs"])
+    assert len(data.dataset) == 2
+    with pytest.raises(DataError, match="no data files for split 'train' .*splits found by file name: test_prefs, "
+                                        "train_prefs, train_sft"):
+        prepared(tokenizer, dataset=str(repo))
+    text = "".join(json.dumps(r) + "\n" for r in rows[:4]).encode()
+    for suffix, compress in ((".jsonl.gz", gzip.compress), (".jsonl.bz2", bz2.compress), (".json.xz", lzma.compress)):
+        path = tmp_path / f"prefs{suffix}"
+        path.write_bytes(compress(text))
+        data, _ = prepared(tokenizer, dataset=str(path))
+        assert len(data.dataset) == 4, suffix
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(text)[:-30])
+    with pytest.raises(DataError, match=r"broken\.jsonl\.gz, line \d+: the file cannot be read on"):
+        prepared(tokenizer, dataset=str(broken))
+
+
+def test_schema_variants_of_public_preference_sets(tokenizer, tmp_path):
+    """orca_dpo_pairs (system/question), truthy-dpo (system/prompt), text-part contents, ShareGPT messages,
+    a single-message completion, and a tool turn."""
+    def user(text):
+        return {"role": "user", "content": text}
+
+    tool_turns = [user("Weather?"), {"role": "assistant", "content": "Checking."}, {"role": "tool", "content": "sun"}]
+    rows = [
+        {"system": "Be terse.", "question": "2+2?", "chosen": "4", "rejected": "5"},
+        {"system": "", "prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
+        {"chosen": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}],
+         "rejected": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                      {"role": "assistant", "content": "Go"}]},
+        {"chosen": [{"from": "human", "value": "Name a color"}, {"from": "gpt", "value": "Blue"}],
+         "rejected": [{"from": "human", "value": "Name a color"}, {"from": "gpt", "value": "Seven"}]},
+        {"prompt": [user("Pick a fruit")], "chosen": {"role": "assistant", "content": "Apple"},
+         "rejected": {"role": "assistant", "content": "Rock"}},
+        {"chosen": [*tool_turns, {"role": "assistant", "content": "Sunny."}],
+         "rejected": [*tool_turns, {"role": "assistant", "content": "Rainy."}]},
+    ]
+    mixer = []  # one source per row: the format is detected per source
+    for i, row in enumerate(rows):
+        mixer += [str(write_jsonl(tmp_path / f"r{i}.jsonl", [row])), "1"]
+    data, tok = prepared(tokenizer, mixer_list=mixer)
+    texts = [tok.decode(ids) for ids in data.dataset["chosen_input_ids"]]
+    assert [s["format"] for s in data.stats["sources"]] == ["prompt", "prompt", "conversational", "conversational",
+                                                             "prompt", "conversational"]
+    assert texts[0].startswith("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>")
+    assert "<|im_start|>system\n<|im_end|>" not in texts[1]  # an empty system column adds no system turn
+    assert "<|im_start|>user\nHi there<|im_end|>" in texts[2]
+    assert "<|im_start|>user\nName a color<|im_end|>\n<|im_start|>assistant\nBlue<|im_end|>" in texts[3]
+    assert texts[4].endswith("<|im_start|>assistant\nApple<|im_end|>\n")
+    ex = data.dataset[5]
+    assert "<|im_start|>tool\nsun<|im_end|>" in texts[5]
+    assert trainable_text(tok, ex["chosen_input_ids"], ex["chosen_mask"]) == "Checking.<|im_end|>\nSunny.<|im_end|>\n"
+    image = {"chosen": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]},
+                        {"role": "assistant", "content": "A cat"}],
+             "rejected": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]},
+                          {"role": "assistant", "content": "A dog"}]}
+    path = write_jsonl(tmp_path / "img.jsonl", [image])
+    with pytest.raises(DataError, match=r"img\.jsonl, line 1: `chosen`\[0\]\.content\[0\] is a 'image' part; "
+                                        "only text parts"):
+        prepared(tokenizer, dataset=str(path))
+
+
 @pytest.mark.parametrize("name,expected", [
     ("tulu", "<|system|>\nS\n<|user|>\nQ\n<|assistant|>\nA<|im_end|>\n<|user|>\nQ2\n<|assistant|>\nA2<|im_end|>"),
     ("olmo", "<|im_start|><|system|>\nS\n<|user|>\nQ\n<|assistant|>\nA<|im_end|>\n<|user|>\nQ2\n<|assistant|>\n"
@@ -158,6 +238,31 @@ def test_template_breaking_the_prefix_property_is_named(tokenizer, tmp_path):
     data, tok = prepared(tokenizer, dataset=str(path), mask_mode="final_turn")  # only the last turn: fine
     ex = data.dataset[0]
     assert trainable_text(tok, ex["chosen_input_ids"], ex["chosen_mask"]) == "y<|endoftext|>"
+
+
+def test_template_that_decorates_only_the_final_reply(tokenizer, tmp_path):
+    """Qwen3-style: the reply after the last user turn gets an empty reasoning block, earlier replies do not.
+    Earlier turns are found verbatim inside the conversation; a template that rewrites them is still refused."""
+    tokenizer.chat_template = (
+        "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{% if m['role'] == 'assistant' and loop.index0 > ns.last %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+        "{{ m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first"},
+             {"role": "user", "content": "b"}]
+    rows = [{"chosen": turns + [{"role": "assistant", "content": "second"}],
+             "rejected": turns + [{"role": "assistant", "content": "wrong"}]}]
+    path = write_jsonl(tmp_path / "mt.jsonl", rows)
+    data, tok = prepared(tokenizer, dataset=str(path))
+    ex = data.dataset[0]
+    assert trainable_text(tok, ex["chosen_input_ids"], ex["chosen_mask"]) == \
+        "first<|im_end|>\n<think>\n\n</think>\n\nsecond<|im_end|>\n"
+    assert tok.decode(ex["chosen_input_ids"]).count("<think>") == 1  # history rendered as the model sees it
+    tokenizer.chat_template = tokenizer.chat_template.replace("m['content'] +", "m['content'] | upper +")
+    with pytest.raises(DataError, match="renders assistant turn 1 differently"):
+        prepared(tokenizer, dataset=str(path))
 
 
 def test_pad_token_is_added_when_no_special_token_is_free(tokenizer):

@@ -1,8 +1,12 @@
 """Row formats and validation: every accepted row becomes (chosen messages, rejected messages).
 
 1. ``conversational``: ``chosen`` and ``rejected`` are full conversations (lists of {role, content}).
-2. ``prompt``: ``prompt`` + ``chosen`` + ``rejected``; each a string or a list of messages.
+2. ``prompt``: ``prompt`` (or ``question``) + ``chosen`` + ``rejected``; each a string, a message or a list of
+   messages; a string ``system`` column becomes the system message.
 3. ``hh``: ``chosen``/``rejected`` are strings of "\\n\\nHuman: ...\\n\\nAssistant: ..." turns.
+
+Messages are {role, content} objects (ShareGPT's {from, value} with human/gpt roles is read too); a
+content may be a list of text parts ({"type": "text", "text": ...}), which are joined.
 
 Every defect raises :class:`DataError` with a short ``reason`` key used for the skip counts.
 """
@@ -13,8 +17,11 @@ import re
 
 from dpocache.data.errors import DataError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("conversational", "prompt", "hh")
+PROMPT_KEYS = ("prompt", "question")  # the first present names the prompt column
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
+                   "assistant": "assistant", "tool": "tool"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
 
 
@@ -27,19 +34,42 @@ def detect_format(row: object) -> str | None:
     if not isinstance(row, dict):
         return None
     chosen, rejected = row.get("chosen"), row.get("rejected")
+    has_prompt = _prompt_key(row) is not None
     if isinstance(chosen, list) and isinstance(rejected, list):
-        if row.get("prompt") is not None and not _has_non_assistant_turn(chosen):
+        if has_prompt and not _has_non_assistant_turn(chosen):
             return "prompt"  # TRL conversational: prompt messages + assistant-only completions
         return "conversational"
-    if row.get("prompt") is not None:
+    if has_prompt:
         return "prompt"
     if isinstance(chosen, str) and "\n\nHuman:" in chosen and "\n\nAssistant:" in chosen:
         return "hh"
     return None
 
 
+def _prompt_key(row: dict) -> str | None:
+    return next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
+
+
 def _has_non_assistant_turn(messages: list) -> bool:
-    return any(isinstance(m, dict) and m.get("role") != "assistant" for m in messages)
+    return any(isinstance(m, dict) and _SHAREGPT_ROLES.get(m.get("role", m.get("from"))) != "assistant"
+               for m in messages)
+
+
+def _text(content: object, src: str, row: str, where: str) -> str:
+    """A message content: a string, or a list of text parts joined (multimodal parts are refused)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for k, part in enumerate(content):
+            kind = part.get("type", "text") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = f"a {kind!r} part" if kind else f"a {type(part).__name__}"
+                raise DataError(src, row, f"{where}[{k}] is {what}; only text parts ({{\"type\": \"text\", "
+                                "\"text\": ...}) are supported", reason="wrong_type")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(src, row, f"{where} must be a string, got {type(content).__name__}", reason="wrong_type")
 
 
 def _messages(value: object, src: str, row: str, field: str, *, allow_string: bool = False) -> list[dict]:
@@ -51,14 +81,14 @@ def _messages(value: object, src: str, row: str, field: str, *, allow_string: bo
         if not isinstance(msg, dict):
             raise DataError(src, row, f"`{field}`[{k}] must be a {{role, content}} object, got "
                             f"{type(msg).__name__}", reason="wrong_type")
-        role, content = msg.get("role"), msg.get("content")
+        if "role" not in msg and "from" in msg and "value" in msg:  # ShareGPT
+            role, content, key = _SHAREGPT_ROLES.get(msg["from"], msg["from"]), msg["value"], "value"
+        else:
+            role, content, key = msg.get("role"), msg.get("content"), "content"
         if role not in ROLES:
-            raise DataError(src, row, f"`{field}`[{k}] has unknown role {role!r} (expected system, user or "
-                            "assistant)", reason="unknown_role")
-        if not isinstance(content, str):
-            raise DataError(src, row, f"`{field}`[{k}].content must be a string, got {type(content).__name__}",
-                            reason="wrong_type")
-        out.append({"role": role, "content": content})
+            raise DataError(src, row, f"`{field}`[{k}] has unknown role {role!r} (expected system, user, "
+                            "assistant or tool)", reason="unknown_role")
+        out.append({"role": role, "content": _text(content, src, row, f"`{field}`[{k}].{key}")})
     return out
 
 
@@ -81,7 +111,7 @@ def _completion(value: object, prompt: list[dict], src: str, row: str, field: st
     """
     if isinstance(value, str):
         return prompt + [{"role": "assistant", "content": value}]
-    turns = _messages(value, src, row, field, allow_string=True)
+    turns = _messages([value] if isinstance(value, dict) else value, src, row, field, allow_string=True)
     if _has_non_assistant_turn(turns) and turns[: len(prompt)] == prompt:
         return turns
     return prompt + turns
@@ -92,7 +122,8 @@ def normalize(raw: object, fmt: str, src: str, row: str) -> tuple[list[dict], li
     if not isinstance(raw, dict):
         raise DataError(src, row, f"a row must be an object with chosen/rejected fields, got {type(raw).__name__}",
                         reason="wrong_type")
-    for field in ("chosen", "rejected") + (("prompt",) if fmt == "prompt" else ()):
+    prompt_key = (_prompt_key(raw) or "prompt") if fmt == "prompt" else None
+    for field in ("chosen", "rejected") + ((prompt_key,) if prompt_key else ()):
         if raw.get(field) is None:
             state = "null" if field in raw else "missing"
             raise DataError(src, row, f"`{field}` is {state}", reason=f"{state}_{field}")
@@ -100,9 +131,14 @@ def normalize(raw: object, fmt: str, src: str, row: str) -> tuple[list[dict], li
         chosen = _messages(raw["chosen"], src, row, "chosen")
         rejected = _messages(raw["rejected"], src, row, "rejected")
     elif fmt == "prompt":
-        p = raw["prompt"]
+        p = raw[prompt_key]
         prompt = [{"role": "user", "content": p}] if isinstance(p, str) else \
-            _messages(p, src, row, "prompt", allow_string=True)
+            _messages([p] if isinstance(p, dict) else p, src, row, prompt_key, allow_string=True)
+        system = raw.get("system")
+        if system is not None and not isinstance(system, str):
+            raise DataError(src, row, f"`system` must be a string, got {type(system).__name__}", reason="wrong_type")
+        if system and system.strip() and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system}] + prompt
         chosen = _completion(raw["chosen"], prompt, src, row, "chosen")
         rejected = _completion(raw["rejected"], prompt, src, row, "rejected")
     elif fmt == "hh":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from jinja2.exceptions import TemplateError
 
 from dpocache.data.config import DataConfig
 from dpocache.data.errors import DataError
@@ -30,6 +31,9 @@ from dpocache.data.tokenize import HASH_VERSION, example_hash, tokenize_side
 
 EXAMPLE_COLUMNS = ["hash", "chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask"]
 TRUNCATION_DROP = "no_trainable_tokens_after_truncation"
+TEMPLATE_DROP = "template_refused"  # the chat template raised on the row (the message follows after ": ")
+_REFUSED = {"hash": "", "chosen_input_ids": [], "chosen_mask": [], "rejected_input_ids": [], "rejected_mask": [],
+            "truncated": False, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0}
 STAGE_BATCH = 1000  # validated rows buffered before they are written to the staging Arrow file
 
 
@@ -64,20 +68,36 @@ def validated_rows(source: str, split: str, cfg: DataConfig, stats: dict) -> Ite
     for label, raw in read_source(source, split, cfg.dataset_cache_dir):
         read += 1
         try:
+            if isinstance(raw, DataError):  # a line the reader could not parse
+                raise raw
             if fmt is None:
                 fmt = _detect(raw, source, label)
             chosen, rejected = normalize(raw, fmt, source, label)
+            encoded = _as_json(chosen, source, label), _as_json(rejected, source, label)
         except DataError as exc:
             if cfg.on_bad_row == "error":
                 raise
             dropped[exc.reason] += 1
             first_seen.setdefault(exc.reason, str(exc))
             continue
-        yield label, json.dumps(chosen, ensure_ascii=False), json.dumps(rejected, ensure_ascii=False)
+        yield label, *encoded
     stats.update(source=source, split=split, format=fmt or "unknown", rows_read=read, dropped=dict(dropped),
                  first_dropped=first_seen)
     if read == 0:
         raise DataError(source, None, f"no rows in split {split!r}", reason="empty")
+
+
+def _as_json(conversation: list[dict], source: str, label: str) -> str:
+    """The conversation as JSON text; text that is not valid Unicode (a lone surrogate escape such as
+    ``\\ud800`` in JSON) is a row defect, not a crash in the tokenizer."""
+    text = json.dumps(conversation, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        escaped = text[exc.start:exc.end].encode("unicode_escape").decode()
+        raise DataError(source, label, f"the text holds {escaped}, a lone surrogate that is not valid Unicode",
+                        reason="invalid_text") from None
+    return text
 
 
 def _detect(raw: object, source: str, label: str) -> str:
@@ -171,12 +191,17 @@ def _tokenize_batch(batch: dict, tokenizer, cfg: DataConfig, label: str, source:
     out: dict[str, list] = {k: [] for k in keys}
     for row, c_json, r_json in zip(batch["row"], batch["chosen"], batch["rejected"]):
         sides = []
-        for conv in (c_json, r_json):
-            try:
+        try:
+            for conv in (c_json, r_json):
                 sides.append(tokenize_side(tokenizer, json.loads(conv), cfg.mask_mode, cfg.add_bos,
                                            cfg.max_seq_length, label))
-            except DataError as exc:  # a template defect: name the first row that shows it
-                raise DataError(source, row, exc.defect, reason=exc.reason) from None
+        except DataError as exc:  # a template defect: name the first row that shows it
+            raise DataError(source, row, exc.defect, reason=exc.reason) from None
+        except TemplateError as exc:  # the template refuses this conversation (e.g. no system role): a row defect
+            for key, value in _REFUSED.items():
+                out[key].append(value)
+            out["drop"].append(f"{TEMPLATE_DROP}: {label} refused the conversation ({exc})")
+            continue
         c, r = sides
         out["hash"].append(example_hash(c.ids, c.mask, r.ids, r.mask))
         out["chosen_input_ids"].append(c.ids)
@@ -243,7 +268,12 @@ def _process_source(i: int, source: str, amount: str, split: str, cfg: DataConfi
     if ds is not None:
         for k, (h, drop, tr) in enumerate(zip(ds["hash"][:], ds["drop"][:], ds["truncated"][:])):
             if drop:
-                st["dropped"][drop] += 1
+                reason, _, message = drop.partition(": ")
+                if message and cfg.on_bad_row == "error":
+                    raise DataError(source, ds[k]["row"], message, reason=reason)
+                st["dropped"][reason] = st["dropped"].get(reason, 0) + 1
+                if message:
+                    st["first_dropped"].setdefault(reason, f"{source}, {ds[k]['row']}: {message}")
                 continue
             if h in seen:
                 dup += 1

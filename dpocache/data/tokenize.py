@@ -61,11 +61,30 @@ def assistant_spans(tokenizer, messages: list[dict], mask_mode: str, label: str 
         if not full.startswith(head):
             raise _template_error(label, f"{label} does not render the conversation as an extension of its prefix "
                                   f"up to the header of assistant turn {i} (add_generation_prompt=True)")
-        if not full.startswith(end) or len(end) <= len(head):
+        if full.startswith(end) and len(end) > len(head):
+            spans.append((len(head), len(end)))
+            continue
+        stop = _earlier_turn_end(full, head, end, messages[i]["content"])
+        if stop is None:
             raise _template_error(label, f"{label} renders assistant turn {i} differently when it is the last "
                                   "message than inside the conversation")
-        spans.append((len(head), len(end)))
+        spans.append((len(head), stop))
     return full, spans
+
+
+def _earlier_turn_end(full: str, head: str, end: str, content: str) -> int | None:
+    """Where an earlier assistant turn ends in ``full`` when the template renders a reply differently as
+    the last message (Qwen3's adds an empty reasoning block to the final reply only): the turn's exact
+    content, then the same closing text (end-of-turn marker) as in its rendering as the last message.
+    None when the content is not found verbatim (the template rewrote it: e.g. stripped reasoning)."""
+    own = end.rfind(content)
+    if own < len(head) or not content:
+        return None
+    closing = end[own + len(content):]
+    at = full.find(content, len(head))
+    if at < 0 or not full.startswith(closing, at + len(content)):
+        return None
+    return at + len(content) + len(closing)
 
 
 def _mask_from_offsets(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
