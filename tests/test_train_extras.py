@@ -111,3 +111,56 @@ def test_heap_trimmer_returns_freed_heap_pages_to_the_system():
     assert rss() < held - 150 * 2**20
     assert heap_trimmer(min_free_mb=10**6)() is False  # below the limit: no trim
     del pin
+
+
+def _dropout_models(tokenizer_dir):
+    """A Llama whose attention applies its dropout rate itself and a GPT-2 with nn.Dropout modules."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, attention_dropout=0.5,
+                                         tie_word_embeddings=True))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.3,
+                                      embd_pdrop=0.3, attn_pdrop=0.3))
+    return {"llama": llama, "gpt2": gpt2}
+
+
+def test_disable_dropout_makes_training_mode_deterministic(tokenizer_dir):
+    from dpocache.stages.train_extras import disable_dropout
+
+    ids = torch.arange(5, 45).view(2, 20)
+    for name, model in _dropout_models(tokenizer_dir).items():
+        model.eval()
+        with torch.no_grad():
+            reference = model(input_ids=ids).logits
+        model.train()
+        with torch.no_grad():
+            assert not torch.allclose(model(input_ids=ids).logits, reference), name  # dropout is live
+        assert disable_dropout(model) > 0, name
+        with torch.no_grad():
+            a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+        assert torch.equal(a, b) and torch.allclose(a, reference, atol=1e-6), name
+        assert disable_dropout(model) == 0  # nothing left to zero
+    assert _dropout_models(tokenizer_dir)["llama"].config.attention_dropout == 0.5  # configs stay as they are
+
+
+def test_first_dpo_step_sees_policy_equal_to_reference(tmp_path, tokenizer_dir):
+    """With dropout off the policy's first forward equals the stored reference: the DPO loss is log 2 exactly."""
+    model_dir = tmp_path / "llama_dropout"
+    _dropout_models(tokenizer_dir)["llama"].save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    store = score_rows(tmp_path, model_dir, conversational_rows(8, seed=4))
+
+    def first_step(out, *extra):
+        assert main(["train", "--model_name_or_path", str(model_dir), "--store", str(store), "--output_dir",
+                     str(out), "--loss_type", "dpo", "--beta", "1", "--max_train_steps", "1",
+                     "--per_device_train_batch_size", "8", *extra]) == 0
+        return read_jsonl(out / "metrics.jsonl")[0]
+
+    off = first_step(tmp_path / "off")
+    assert off["train_loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert off["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
+    on = first_step(tmp_path / "on", "--disable_dropout", "false")
+    assert abs(on["rewards/margin"]) > 1e-3  # dropout in the policy alone shifts every log-ratio

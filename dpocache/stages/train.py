@@ -33,8 +33,9 @@ from dpocache.stages.distributed import (configure_deepspeed, engine_name, full_
 from dpocache.stages.examples import (Examples, data_fingerprint, evaluate, forward_batch, load_examples,
                                       load_training_data)
 from dpocache.stages.train_config import TrainConfig
-from dpocache.stages.train_extras import (add_lora, apply_liger_kernel, clip_grad, enable_gradient_checkpointing,
-                                          heap_trimmer, limit_allocator_retention, reduce_metrics, start_trackers)
+from dpocache.stages.train_extras import (add_lora, apply_liger_kernel, clip_grad, disable_dropout,
+                                          enable_gradient_checkpointing, heap_trimmer, limit_allocator_retention,
+                                          reduce_metrics, start_trackers)
 from dpocache.tracking import JsonlWriter, MetricAverager, format_line
 
 __all__ = ["TrainConfig", "TrainState", "setup", "train", "save", "evaluate", "load_examples", "run_train"]
@@ -76,6 +77,8 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
     store, name, examples, tokenizer = load_training_data(model_cfg, cfg, data_cfg, log=log)
     model = load_causal_lm(model_cfg, train=True)
     resize_for_tokenizer(model, tokenizer)
+    if cfg.disable_dropout and (zeroed := disable_dropout(model)):
+        log(f"stage two: dropout off ({zeroed} non-zero rate(s) set to 0; --disable_dropout false keeps them)")
     if cfg.use_liger_kernel:
         apply_liger_kernel(model, log=log)
     if cfg.gradient_checkpointing:

@@ -41,6 +41,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", group="optimisation")
     group_by_length: bool = opt(True, "Group pairs of similar length into the same optimizer batches "
                                 "(seeded; cuts padding).", group="optimisation")
+    disable_dropout: bool = opt(True, "Set every dropout rate of the policy to 0 (dropout modules and the attention "
+                                "dropout rates models apply themselves). The stored reference was scored without "
+                                "dropout, so dropout in the policy alone would add noise to every log-ratio.",
+                                group="optimisation")
     packing: bool = opt(False, "Padding-free batches: each micro-batch's sequences run as one row with position "
                         "ids restarting per sequence (needs a model whose attention honours packed position ids; "
                         "checked at start-up).", group="optimisation")

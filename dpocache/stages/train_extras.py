@@ -39,6 +39,24 @@ def add_lora(model, cfg: TrainConfig):
     return get_peft_model(model, config)
 
 
+def disable_dropout(model) -> int:
+    """Zero every dropout rate of ``model``: ``nn.Dropout`` modules (and their variants) and the float rates
+    that attention and MLP modules pass to functional dropout themselves (``attention_dropout``,
+    ``attn_pdrop``...). The model's config is left as it is, so the saved model keeps its own rates.
+    Returns how many non-zero rates were set to 0."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            changed += module.p > 0
+            module.p = 0.0
+            continue
+        for name, value in vars(module).items():
+            if type(value) is float and value > 0 and ("dropout" in name.lower() or "pdrop" in name.lower()):
+                setattr(module, name, 0.0)
+                changed += 1
+    return int(changed)
+
+
 def clip_grad(acc, logp_model, max_norm: float | None) -> float | None:
     """Clip (when asked) and return the global gradient norm before clipping."""
     from accelerate.utils import DistributedType
