@@ -76,3 +76,25 @@ def test_vllm_scored_store_trains_like_hf(model32, tmp_path):
                  "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
                  "--per_device_train_batch_size", "4"]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_store_identity_names_the_dtype_vllm_ran_in(model32, tmp_path, capsys):
+    """--dtype sets vLLM's dtype too (--vllm_dtype overrides it); the identity records the one used, so a bf16
+    vLLM store is never topped up by an fp32 one."""
+    data = write_jsonl(tmp_path / "d.jsonl", conversational_rows(6, seed=8))
+    args = ["score", "--model_name_or_path", str(model32), "--dataset", str(data), "--store", str(tmp_path / "s"),
+            "--backend", "vllm", "--vllm_max_model_len", "256"]
+    assert main(args + ["--dtype", "bfloat16"]) == 0
+    store = ReferenceStore.open(tmp_path / "s")
+    assert store.identity["dtype"] == "bfloat16"
+    capsys.readouterr()
+    assert main(args + ["--dtype", "bfloat16", "--vllm_dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "scored by another reference" in err and "dtype" in err and "float32" in err
+    rows, _ = store.read_rows(sorted(store.hashes()))
+    assert main(["score", "--model_name_or_path", str(model32), "--dataset", str(data), "--store",
+                 str(tmp_path / "hf")]) == 0  # fp32 HF: bf16 vLLM values are close, not equal
+    hf = ReferenceStore.open(tmp_path / "hf")
+    exact, _ = hf.read_rows(sorted(hf.hashes()))
+    diff = np.abs(rows["ref_chosen_logps"].to_numpy() - exact["ref_chosen_logps"].to_numpy())
+    assert 0 < diff.max() < 0.5

@@ -7,11 +7,13 @@ Recipe steps: :func:`setup` (tokenizer, data, identity, store, what is left to s
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -92,12 +94,25 @@ def default_store_dir(identity: dict):
     return dpocache_home() / "stores" / digest
 
 
-def reference_identity(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig,
-                       tokenizer) -> dict:
-    """What makes two reference computations interchangeable (compared field by field)."""
+def scoring_dtype(model_cfg: ModelConfig, score_cfg: ScoreConfig, vllm_options=None) -> str:
+    """The dtype the reference runs in: ``--dtype``, or for the vLLM backend ``--vllm_dtype`` when given."""
+    if score_cfg.backend == "vllm" and vllm_options is not None and vllm_options.vllm_dtype:
+        return vllm_options.vllm_dtype
+    return model_cfg.dtype
+
+
+def reference_model_dir(model_cfg: ModelConfig) -> Path:
+    """The directory of the reference's files (a local path, or the hub snapshot of the requested revision)."""
     model_dir = local_model_dir(model_cfg.model_name_or_path, model_cfg.model_revision)
     if model_dir is None:
         raise ConfigError(f"model '{model_cfg.model_name_or_path}' is not available locally")
+    return model_dir
+
+
+def reference_identity(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig,
+                       tokenizer, vllm_options=None) -> dict:
+    """What makes two reference computations interchangeable (compared field by field)."""
+    model_dir = reference_model_dir(model_cfg)
     return {
         "model_weights_sha256": weights_fingerprint(model_dir),
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
@@ -105,7 +120,7 @@ def reference_identity(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: 
         "max_seq_length": data_cfg.max_seq_length,
         "mask_mode": data_cfg.mask_mode,
         "add_bos": data_cfg.add_bos,
-        "dtype": model_cfg.dtype,
+        "dtype": scoring_dtype(model_cfg, score_cfg, vllm_options),
         "backend": score_cfg.backend,
         "example_hash_version": HASH_VERSION,
     }
@@ -143,10 +158,13 @@ class HFScorer:
 class VLLMAdapter:
     """The vLLM backend behind the same interface (masks are applied by the caller)."""
 
-    def __init__(self, model_cfg: ModelConfig, vllm_options, seed: int):
-        from dpocache.stages.vllm_backend import VLLMScorer
+    def __init__(self, model_cfg: ModelConfig, score_cfg: ScoreConfig, vllm_options, seed: int):
+        from dpocache.stages.vllm_backend import VLLMOptions, VLLMScorer
 
-        self.scorer = VLLMScorer(str(model_cfg.model_name_or_path), vllm_options, seed=seed)
+        # the files the identity hashed (the requested revision's snapshot), in the dtype the identity names
+        options = dataclasses.replace(vllm_options or VLLMOptions(),
+                                      vllm_dtype=scoring_dtype(model_cfg, score_cfg, vllm_options))
+        self.scorer = VLLMScorer(str(reference_model_dir(model_cfg)), options, seed=seed)
 
     def token_logps(self, sequences: list, masks: list, on_batch=None) -> list[np.ndarray]:
         values = self.scorer.token_logps(sequences)
@@ -174,14 +192,15 @@ class ScorePlan:
         return sum(len(c) for c in self.chunks)
 
 
-def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, *, progress=True) -> ScorePlan:
+def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, *, vllm_options=None,
+          progress=True) -> ScorePlan:
     check(model_cfg.model_name_or_path is not None, "score needs --model_name_or_path")
     tok_name = data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path
     tokenizer = load_tokenizer(tok_name, revision=model_cfg.model_revision,
                                trust_remote_code=model_cfg.trust_remote_code)
     tokenizer, _ = prepare_tokenizer(tokenizer, data_cfg)
     prepared = load_preference_data(data_cfg, tokenizer, progress=progress)
-    identity = reference_identity(model_cfg, data_cfg, score_cfg, tokenizer)
+    identity = reference_identity(model_cfg, data_cfg, score_cfg, tokenizer, vllm_options)
     info = library_versions()
     info.update(model_name=str(model_cfg.model_name_or_path), model_revision=model_cfg.model_revision,
                 chat_template=tokenizer.chat_template, pad_token=tokenizer.pad_token)
@@ -240,7 +259,7 @@ def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> 
 def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, vllm_options=None,
               *, progress=True, log=print) -> ScoreResult:
     t0 = time.perf_counter()
-    plan = setup(model_cfg, data_cfg, score_cfg, progress=progress)
+    plan = setup(model_cfg, data_cfg, score_cfg, vllm_options=vllm_options, progress=progress)
     total = len(plan.dataset)
     tokens = 0
     other = total - plan.reused - plan.pending
@@ -252,7 +271,7 @@ def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConf
         log(f"stage one: {plan.reused} examples reused from the store, {plan.pending} to score "
             f"with the {score_cfg.backend} backend{elsewhere}")
         if score_cfg.backend == "vllm":
-            scorer = VLLMAdapter(model_cfg, vllm_options, data_cfg.seed)
+            scorer = VLLMAdapter(model_cfg, score_cfg, vllm_options, data_cfg.seed)
         else:
             scorer = HFScorer(model_cfg, plan.tokenizer, score_cfg.batch_size)
         try:

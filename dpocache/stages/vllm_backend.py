@@ -25,7 +25,8 @@ from dpocache.config import check, opt
 
 @dataclass
 class VLLMOptions:
-    vllm_dtype: str = opt("auto", "vLLM weights dtype: auto, float32, bfloat16 or float16.", group="vllm")
+    vllm_dtype: str | None = opt(None, "vLLM weights/compute dtype: float32, bfloat16 or float16 (default: --dtype). "
+                                 "It is part of the store's reference identity.", group="vllm")
     vllm_tensor_parallel_size: int = opt(1, "vLLM tensor-parallel degree (GPUs per engine).", group="vllm")
     vllm_gpu_memory_utilization: float = opt(0.9, "Fraction of GPU memory vLLM may use.", group="vllm")
     vllm_max_model_len: int | None = opt(None, "Longest sequence the engine accepts (default: the model's).",
@@ -36,7 +37,8 @@ class VLLMOptions:
     vllm_enforce_eager: bool = opt(True, "Disable CUDA graphs (required on CPU).", group="vllm")
 
     def __post_init__(self):
-        check(self.vllm_dtype in ("auto", "float32", "bfloat16", "float16"), "vllm_dtype: unknown dtype")
+        check(self.vllm_dtype in (None, "float32", "bfloat16", "float16"),
+              f"vllm_dtype: unknown dtype {self.vllm_dtype!r} (float32, bfloat16 or float16)")
         check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size must be >= 1")
         check(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]")
         check(self.vllm_max_num_batched_tokens >= 16, "vllm_max_num_batched_tokens must be >= 16")
@@ -68,7 +70,8 @@ class VLLMScorer:
         self.options = options
         self.progress = progress
         self._threads = torch.get_num_threads()  # the CPU engine lowers torch's thread count
-        kwargs = dict(model=str(model_path), tokenizer=str(tokenizer_path or model_path), dtype=options.vllm_dtype,
+        kwargs = dict(model=str(model_path), tokenizer=str(tokenizer_path or model_path),
+                      dtype=options.vllm_dtype or "auto",
                       tensor_parallel_size=options.vllm_tensor_parallel_size, seed=seed,
                       gpu_memory_utilization=options.vllm_gpu_memory_utilization,
                       enforce_eager=options.vllm_enforce_eager, skip_tokenizer_init=False,
