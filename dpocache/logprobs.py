@@ -8,9 +8,11 @@ head to those rows only, in chunks (fp32 log-softmax). Under autograd the first 
 (their logits are recomputed in backward instead of being kept), so memory stays bounded whatever the
 batch, and small batches pay no recomputation.
 
-This "selected positions" path is exact for every model whose logits are ``lm_head(hidden)``. Models
-that transform logits further (soft-capping, scaling) are detected by a probe comparing it with the
-model's own forward on a short input; they fall back to the full-logits path.
+This "selected positions" path is exact for every model whose logits are ``lm_head(hidden)``, and for
+the logit transforms transformers' models apply after the head and name in their config (Gemma 2/3's
+final soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``), which it applies too. Any
+other model is checked by a probe comparing the path with the model's own forward on a short input;
+models that disagree fall back to the full-logits path.
 """
 
 from __future__ import annotations
@@ -23,8 +25,34 @@ DEFAULT_CHUNK = 1024
 DEFAULT_KEEP_MB = 1024.0
 
 
-def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def logit_transform(config):
+    """The function a model applies to ``lm_head(hidden)`` to get its logits, read from its config (None: the
+    identity): Gemma 2/3 ``final_logit_softcapping``, Cohere ``logit_scale``, Granite ``logits_scaling``."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+    steps = []
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1:
+        steps.append(lambda x: x * scale)
+    if isinstance(divisor, (int, float)) and not isinstance(divisor, bool) and divisor != 1:
+        steps.append(lambda x: x / divisor)
+    if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap:
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    if not steps:
+        return None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            logits = step(logits)
+        return logits
+
+    return transform
+
+
+def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, transform=None) -> torch.Tensor:
     logits = head(hidden).float()
+    if transform is not None:
+        logits = transform(logits)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -53,16 +81,16 @@ class _LinearHeadLogps(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None
 
 
-def _kept_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _kept_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, transform=None) -> torch.Tensor:
     """A chunk whose logits stay for backward: the lean autograd function for a plain ``nn.Linear`` head
-    (not partitioned by ZeRO-3, whose hooks must run), else ordinary autograd."""
-    if type(head) is nn.Linear and not hasattr(head.weight, "ds_id"):
+    (not partitioned by ZeRO-3, whose hooks must run) without a logit transform, else ordinary autograd."""
+    if transform is None and type(head) is nn.Linear and not hasattr(head.weight, "ds_id"):
         return _LinearHeadLogps.apply(hidden, head.weight, head.bias, targets)
-    return _head_logps(head, hidden, targets)
+    return _head_logps(head, hidden, targets, transform)
 
 
 def _chunked_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                        chunk: int, keep_mb: float = DEFAULT_KEEP_MB) -> torch.Tensor:
+                        chunk: int, keep_mb: float = DEFAULT_KEEP_MB, transform=None) -> torch.Tensor:
     parts, kept = [], 0.0
     vocab = None
     for start in range(0, hidden.shape[0], chunk):
@@ -73,11 +101,11 @@ def _chunked_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Te
             cost = h.shape[0] * vocab * 4 / 2**20  # the fp32 logits autograd keeps for this chunk
             if kept + cost <= keep_mb:
                 kept += cost
-                parts.append(_kept_head_logps(head, h, t))
+                parts.append(_kept_head_logps(head, h, t, transform))
             else:
-                parts.append(checkpoint(_kept_head_logps, head, h, t, use_reentrant=False))
+                parts.append(checkpoint(_kept_head_logps, head, h, t, transform, use_reentrant=False))
         else:
-            parts.append(_head_logps(head, h, t))
+            parts.append(_head_logps(head, h, t, transform))
     if not parts:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(parts)
@@ -108,7 +136,8 @@ def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_ma
                   **_forward_kwargs(position_ids, router_logits))
     hidden = out[0]
     rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
-    values = _chunked_head_logps(head, hidden[rows, cols], input_ids[rows, cols + 1], chunk, keep_mb)
+    values = _chunked_head_logps(head, hidden[rows, cols], input_ids[rows, cols + 1], chunk, keep_mb,
+                                 logit_transform(getattr(model, "config", None)))
     logps = _scatter(values, rows, cols + 1, input_ids.shape)
     return (logps, out.router_logits) if router_logits else logps
 

@@ -55,3 +55,47 @@ def test_selected_path_gradients_match_full_path(tiny_model_dir, keep_mb):
         TokenLogps(model, selected=selected, chunk=2, keep_mb=keep_mb)(ids, attn, tmask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def _big_logit_models():
+    """Tiny Gemma 2 (soft-capping), Cohere (logit_scale) and Granite (logits_scaling) models whose output head
+    is scaled up so that their logit transforms matter (raw logits of tens of nats)."""
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
+                              GraniteForCausalLM)
+
+    small = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    models = {"gemma2": Gemma2ForCausalLM(Gemma2Config(**small, head_dim=16, final_logit_softcapping=5.0)),
+              "cohere": CohereForCausalLM(CohereConfig(**small, logit_scale=0.25)),
+              "granite": GraniteForCausalLM(GraniteConfig(**small, logits_scaling=8.0))}
+    for model in models.values():
+        with torch.no_grad():
+            model.lm_head.weight.mul_(400.0)
+        model.eval()
+    return models
+
+
+@pytest.mark.parametrize("name", ["gemma2", "cohere", "granite"])
+def test_logit_transforms_are_applied_on_the_selected_path(name):
+    from dpocache.logprobs import full_token_logps, selected_token_logps
+
+    model = _big_logit_models()[name]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (3, 12), generator=g)
+    attn, mask = torch.ones_like(ids), torch.ones_like(ids)
+    mask[:, :4] = 0
+    with torch.no_grad():
+        full = full_token_logps(model, ids, attn, mask)
+        fast = selected_token_logps(model, ids, attn, mask)
+        raw = model.lm_head(model.get_decoder()(input_ids=ids).last_hidden_state)
+    assert raw.abs().max() > 20  # the transform changes the log-probs a lot here
+    assert supports_selected_path(model)
+    assert torch.allclose(fast, full, atol=1e-4, rtol=1e-4)
+    model.train()  # gradients through the transform equal the full path's
+    grads = []
+    for selected in (True, False):
+        model.zero_grad()
+        TokenLogps(model, selected=selected, chunk=5)(ids, attn, mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-3, rtol=1e-3)
