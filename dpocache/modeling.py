@@ -44,6 +44,10 @@ def _is_offline() -> bool:
 
 def _explain(kind: str, name: str, exc: Exception) -> ModelLoadError:
     local = Path(name).expanduser()
+    if kind == "model" and "Unrecognized configuration class" in str(exc):
+        kind_of = str(exc).split("configuration class", 1)[1].split("for this kind", 1)[0].strip(" <>'.")
+        return ModelLoadError(f"{name}: not a causal (decoder-only) language model ({kind_of.rsplit('.', 1)[-1]}); "
+                              "dpocache trains and scores models AutoModelForCausalLM can load")
     if local.exists():
         return ModelLoadError(f"could not load the {kind} from {local}: {type(exc).__name__}: {exc}")
     if "/" in name and not name.startswith((".", "/")):

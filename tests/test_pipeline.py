@@ -84,3 +84,23 @@ def test_bad_flag_values_are_clear_errors(tiny_model_dir, tmp_path, capsys):
     assert "beta must be > 0" in capsys.readouterr().err
     assert main(["train", "--store", str(tmp_path / "nope"), "--model_name_or_path", str(tiny_model_dir)]) == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_models_that_cannot_be_loaded_are_named(tokenizer_dir, data_files, tmp_path, capsys, monkeypatch):
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    train, _ = data_files
+    t5 = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                        d_kv=8)).save_pretrained(t5)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(t5)
+    assert main(["score", "--model_name_or_path", str(t5), "--dataset", str(train), "--store",
+                 str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"{t5}: not a causal (decoder-only) language model (T5Config)" in err and "Traceback" not in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["train", "--model_name_or_path", "some-org/some-model", "--loss_type", "simpo",
+                 "--dataset", str(train), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "could not fetch the tokenizer 'some-org/some-model' from the Hugging Face Hub: the machine is offline" \
+        in err and "\n" not in err.strip()
