@@ -124,6 +124,10 @@ def test_schema_variants_of_public_preference_sets(tokenizer, tmp_path):
          "rejected": [{"from": "human", "value": "Name a color"}, {"from": "gpt", "value": "Seven"}]},
         {"prompt": [user("Pick a fruit")], "chosen": {"role": "assistant", "content": "Apple"},
          "rejected": {"role": "assistant", "content": "Rock"}},
+        {"conversations": [{"from": "human", "value": "Say yes"}], "chosen": {"from": "gpt", "value": "Yes"},
+         "rejected": {"from": "gpt", "value": "No"}},
+        {"chosen": [{"role": "User", "content": "Up?"}, {"role": "Assistant", "content": "Up."}],
+         "rejected": [{"role": "User", "content": "Up?"}, {"role": "Assistant", "content": "Down."}]},
         {"chosen": [*tool_turns, {"role": "assistant", "content": "Sunny."}],
          "rejected": [*tool_turns, {"role": "assistant", "content": "Rainy."}]},
     ]
@@ -133,14 +137,16 @@ def test_schema_variants_of_public_preference_sets(tokenizer, tmp_path):
     data, tok = prepared(tokenizer, mixer_list=mixer)
     texts = [tok.decode(ids) for ids in data.dataset["chosen_input_ids"]]
     assert [s["format"] for s in data.stats["sources"]] == ["prompt", "prompt", "conversational", "conversational",
-                                                             "prompt", "conversational"]
+                                                             "prompt", "prompt", "conversational", "conversational"]
     assert texts[0].startswith("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>")
     assert "<|im_start|>system\n<|im_end|>" not in texts[1]  # an empty system column adds no system turn
     assert "<|im_start|>user\nHi there<|im_end|>" in texts[2]
     assert "<|im_start|>user\nName a color<|im_end|>\n<|im_start|>assistant\nBlue<|im_end|>" in texts[3]
     assert texts[4].endswith("<|im_start|>assistant\nApple<|im_end|>\n")
-    ex = data.dataset[5]
-    assert "<|im_start|>tool\nsun<|im_end|>" in texts[5]
+    assert texts[5].endswith("<|im_start|>user\nSay yes<|im_end|>\n<|im_start|>assistant\nYes<|im_end|>\n")
+    assert texts[6].endswith("<|im_start|>user\nUp?<|im_end|>\n<|im_start|>assistant\nUp.<|im_end|>\n")
+    ex = data.dataset[7]
+    assert "<|im_start|>tool\nsun<|im_end|>" in texts[7]
     assert trainable_text(tok, ex["chosen_input_ids"], ex["chosen_mask"]) == "Checking.<|im_end|>\nSunny.<|im_end|>\n"
     image = {"chosen": [{"role": "user", "content": [{"type": "image", "url": "x.png"}]},
                         {"role": "assistant", "content": "A cat"}],

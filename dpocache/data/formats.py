@@ -1,12 +1,13 @@
 """Row formats and validation: every accepted row becomes (chosen messages, rejected messages).
 
 1. ``conversational``: ``chosen`` and ``rejected`` are full conversations (lists of {role, content}).
-2. ``prompt``: ``prompt`` (or ``question``) + ``chosen`` + ``rejected``; each a string, a message or a list of
-   messages; a string ``system`` column becomes the system message.
+2. ``prompt``: ``prompt`` (or ``question``, or ShareGPT's ``conversations``) + ``chosen`` + ``rejected``; each a
+   string, a message or a list of messages; a string ``system`` column becomes the system message.
 3. ``hh``: ``chosen``/``rejected`` are strings of "\\n\\nHuman: ...\\n\\nAssistant: ..." turns.
 
-Messages are {role, content} objects (ShareGPT's {from, value} with human/gpt roles is read too); a
-content may be a list of text parts ({"type": "text", "text": ...}), which are joined.
+Messages are {role, content} objects (ShareGPT's {from, value} with human/gpt roles is read too; roles
+are case-insensitive); a content may be a list of text parts ({"type": "text", "text": ...}), which are
+joined.
 
 Every defect raises :class:`DataError` with a short ``reason`` key used for the skip counts.
 """
@@ -19,7 +20,7 @@ from dpocache.data.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("conversational", "prompt", "hh")
-PROMPT_KEYS = ("prompt", "question")  # the first present names the prompt column
+PROMPT_KEYS = ("prompt", "question", "conversations")  # the first present names the prompt column
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
                    "assistant": "assistant", "tool": "tool"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
@@ -50,9 +51,13 @@ def _prompt_key(row: dict) -> str | None:
     return next((k for k in PROMPT_KEYS if row.get(k) is not None), None)
 
 
+def _role_of(message: dict) -> object:
+    role = message.get("role", message.get("from"))
+    return _SHAREGPT_ROLES.get(role.strip().lower(), role) if isinstance(role, str) else role
+
+
 def _has_non_assistant_turn(messages: list) -> bool:
-    return any(isinstance(m, dict) and _SHAREGPT_ROLES.get(m.get("role", m.get("from"))) != "assistant"
-               for m in messages)
+    return any(isinstance(m, dict) and _role_of(m) != "assistant" for m in messages)
 
 
 def _text(content: object, src: str, row: str, where: str) -> str:
@@ -81,10 +86,9 @@ def _messages(value: object, src: str, row: str, field: str, *, allow_string: bo
         if not isinstance(msg, dict):
             raise DataError(src, row, f"`{field}`[{k}] must be a {{role, content}} object, got "
                             f"{type(msg).__name__}", reason="wrong_type")
-        if "role" not in msg and "from" in msg and "value" in msg:  # ShareGPT
-            role, content, key = _SHAREGPT_ROLES.get(msg["from"], msg["from"]), msg["value"], "value"
-        else:
-            role, content, key = msg.get("role"), msg.get("content"), "content"
+        sharegpt = "role" not in msg and "from" in msg and "value" in msg
+        role = _role_of(msg)  # "User", "human", "gpt": the roles' usual spellings
+        content, key = (msg["value"], "value") if sharegpt else (msg.get("content"), "content")
         if role not in ROLES:
             raise DataError(src, row, f"`{field}`[{k}] has unknown role {role!r} (expected system, user, "
                             "assistant or tool)", reason="unknown_role")
