@@ -171,3 +171,26 @@ def test_inspect_reports_content(store_dir):
     text = format_inspect(report)
     assert "coverage: 4/5 present, 1 missing" in text and "all: 6 examples" in text
     json.dumps(report)  # the CLI prints it as JSON
+
+
+def test_non_finite_reference_values_stop_stage_two_even_unverified(store_dir):
+    """A shard rewritten with a NaN reference sum (manifest edited to match its size) passes an unverified open;
+    loading the examples for training still refuses it, naming the row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpocache.stages.examples import load_examples
+
+    shard = first_shard(store_dir)
+    table = pq.read_table(shard)
+    values = table.column("ref_chosen_logps").to_numpy().copy()
+    values[0] = float("nan")
+    k = table.schema.get_field_index("ref_chosen_logps")
+    pq.write_table(table.set_column(k, table.schema.field(k), pa.array(values)), shard)
+    edit_manifest(store_dir, lambda m: m["shards"][0].update(bytes=shard.stat().st_size))
+    first = table.column("hash")[0].as_py()
+    store = ReferenceStore.open(store_dir, verify=False)
+    with pytest.raises(StoreError, match=f"1 row\\(s\\) hold reference values that are not finite .*first: {first}"):
+        load_examples(store, HASHES, allow_missing=False)
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        load_examples(ReferenceStore.open(store_dir), HASHES, allow_missing=False)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dpocache.artifacts import ReferenceStore
+from dpocache.artifacts import ReferenceStore, StoreError
 from dpocache.artifacts.identity import text_fingerprint, tokenizer_fingerprint
 from dpocache.config import ConfigError
 from dpocache.data import DataConfig, load_preference_data, prepare_tokenizer
@@ -50,6 +50,11 @@ def load_examples(store: ReferenceStore, hashes: list[str], *, allow_missing: bo
     table, missing = store.read_rows(hashes, EXAMPLE_COLUMNS, allow_missing=allow_missing)
     ref = np.stack([table[c].to_numpy().astype(np.float64) for c in
                     ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens")], 1)
+    bad = ~np.isfinite(ref).all(axis=1) | (ref[:, :2] > 1e-3).any(axis=1)
+    if bad.any():  # rows are validated when written; this guards stores read with --verify_store false
+        first = table["hash"][int(np.argmax(bad))].as_py()
+        raise StoreError(f"{store.root}: {int(bad.sum())} row(s) hold reference values that are not finite "
+                         f"log-probability sums (first: {first}); the store is damaged: re-score them")
     return Examples(table["chosen_input_ids"].to_pylist(), table["chosen_mask"].to_pylist(),
                     table["rejected_input_ids"].to_pylist(), table["rejected_mask"].to_pylist(), ref, missing,
                     table["hash"].to_pylist())
