@@ -193,8 +193,13 @@ def _split_files(path: Path, source: str, split: str) -> list[Path]:
         patterns = get_data_patterns(str(path))
     except Exception:  # noqa: BLE001 - datasets raises its own EmptyDatasetError (and others) for no files
         patterns = {}
-    by_split = {name: sorted({Path(f) for pat in pats for f in resolve_pattern(pat, str(path))
-                              if file_kind(Path(f)) in LOCAL_SUFFIXES})
+    def matches(pattern: str) -> list[str]:
+        try:
+            return resolve_pattern(pattern, str(path))
+        except FileNotFoundError:  # one pattern of the split's group matches nothing: the others may
+            return []
+
+    by_split = {name: sorted({Path(f) for pat in pats for f in matches(pat) if file_kind(Path(f)) in LOCAL_SUFFIXES})
                 for name, pats in patterns.items()}
     by_split = {name: files for name, files in by_split.items() if files}
     if not by_split:
