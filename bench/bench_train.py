@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per child process")
     parser.add_argument("--mmap_threshold", type=int, help="glibc MALLOC_MMAP_THRESHOLD_ (bytes) for every variant "
                         "(default: glibc's dynamic threshold); peak RSS depends on it, see BENCHMARKS.md")
+    parser.add_argument("--dpocache_set", nargs="+", default=[], metavar="OPTION=VALUE",
+                        help="stage-two options for the dpocache variant (e.g. release_host_memory=false)")
     parser.add_argument("--keep", help="work directory to keep (default: a temporary one, removed)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if min(args.warmup, args.window, args.repeats, args.runs) < 1:
         parser.error("--warmup, --window, --repeats and --runs must be >= 1")
+    if any("=" not in item for item in args.dpocache_set):
+        parser.error("--dpocache_set takes OPTION=VALUE items")
     return args
 
 
@@ -92,6 +96,7 @@ def make_plan(args, work: Path, model_dir: Path, store: str) -> Path:
         epoch += 1
     plan = {"model": str(model_dir), "store": store, "pad_id": None, "pad_token": ref.versions["pad_token"],
             "batch": args.batch, "max_length": args.max_length, "lr": args.lr, "seed": seed,
+            "dpocache_set": dict(item.split("=", 1) for item in args.dpocache_set),
             "chosen_ids": ex.chosen_ids, "chosen_mask": ex.chosen_mask, "rejected_ids": ex.rejected_ids,
             "rejected_mask": ex.rejected_mask, "steps": steps[:total]}
     from transformers import AutoTokenizer
@@ -128,7 +133,7 @@ def padding_fraction(plan: dict) -> float:
 def summarize(args, results: dict[str, list[dict]], plan: dict, stage_one: dict, params: int) -> dict:
     """One JSON line from every run of every variant (``results[name]``: one dict per child process)."""
     out = {"bench": "train", "model": args.model, "params": params, "batch": args.batch,
-           "mmap_threshold": args.mmap_threshold,
+           "mmap_threshold": args.mmap_threshold, "dpocache_set": args.dpocache_set,
            "max_length": args.max_length, "pairs": len(plan["chosen_ids"]), "warmup_steps": args.warmup,
            "window_steps": args.window, "repeats": args.repeats, "runs": args.runs, "quick": args.quick,
            "padded_fraction": round(padding_fraction(plan), 3),

@@ -114,13 +114,15 @@ def run_dpocache(plan: dict, work: Path) -> dict:
     A forward pre-hook on the trained module counts the non-pad tokens of each batch; the per-step
     log callback (``logging_steps=1``) stamps the end of each optimizer step.
     """
+    from dpocache.config import build
     from dpocache.modeling import ModelConfig
     from dpocache.stages.train import TrainConfig, setup, train
 
     total = len(plan["steps"])
-    cfg = TrainConfig(store=plan["store"], output_dir=str(work / "dpocache-out"), loss_type="dpo", beta=0.1,
-                      learning_rate=plan["lr"], warmup_ratio=0.0, per_device_train_batch_size=plan["batch"],
-                      max_train_steps=total, checkpointing_steps=None, logging_steps=1, seed=plan["seed"])
+    values = dict(store=plan["store"], output_dir=str(work / "dpocache-out"), loss_type="dpo", beta=0.1,
+                  learning_rate=plan["lr"], warmup_ratio=0.0, per_device_train_batch_size=plan["batch"],
+                  max_train_steps=total, checkpointing_steps=None, logging_steps=1, seed=plan["seed"])
+    (cfg,) = build([TrainConfig], {**values, **plan.get("dpocache_set", {})}, source="--dpocache_set")
     t0 = time.perf_counter()
     state = setup(ModelConfig(model_name_or_path=plan["model"]), cfg, log=_quiet)
     init = time.perf_counter() - t0
