@@ -117,8 +117,8 @@ def stage_one(rows: list[dict]) -> list[str]:
     lines += ["vLLM parity (`tests/test_vllm_backend.py`, fp32): per-token differences <= 1e-6 nats on the test "
               "model (the test asserts 1e-4 per token, 1e-3 per sum). Real models differ more in bf16 (~0.3-0.6 nats "
               "per token have been reported on large models).", "",
-              "Embedded default, SmolLM2-135M-Instruct, HF backend, batch 8: 768 pairs in 114 s (`dpocache run`, "
-              "idle machine; not re-measured by `run_all.sh`).", ""]
+              "Embedded default, SmolLM2-135M-Instruct, HF backend, batch 8: 768 pairs in 82 s (`dpocache run`, "
+              "idle machine, 2026-11-29; not re-measured by `run_all.sh`).", ""]
     return lines
 
 
@@ -161,7 +161,7 @@ def stage_two(rows: list[dict]) -> list[str]:
                          f"{rss} | {r[f'{key}_init_seconds']} | {_fmt(r[f'{key}_same_batches'])} |")
         lines.append("")
     lines += ["Embedded default end to end (`dpocache run`, SmolLM2-135M-Instruct, 8 pairs per step, idle machine; not "
-              "re-measured by `run_all.sh`): 80 steps in 316 s, ~240 non-pad tokens/s at the end of the run.", ""]
+              "re-measured by `run_all.sh`; 2026-11-29): 80 steps in 253 s, ~290-300 non-pad tokens/s once warm.", ""]
     return lines + ([] if found else [NOT_RUN, ""])
 
 

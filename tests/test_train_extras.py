@@ -164,3 +164,16 @@ def test_first_dpo_step_sees_policy_equal_to_reference(tmp_path, tokenizer_dir):
     assert off["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
     on = first_step(tmp_path / "on", "--disable_dropout", "false")
     assert abs(on["rewards/margin"]) > 1e-3  # dropout in the policy alone shifts every log-ratio
+
+
+def test_import_asks_pytorch_for_huge_pages_unless_the_environment_says_otherwise():
+    import os
+    import subprocess
+    import sys
+
+    code = "import dpocache, os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "1"
+    assert subprocess.run([sys.executable, "-c", code], env=dict(env, THP_MEM_ALLOC_ENABLE="0"), capture_output=True,
+                          text=True, check=True).stdout.strip() == "0"
