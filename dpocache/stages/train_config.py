@@ -81,8 +81,9 @@ class TrainConfig:
                                 group="efficiency")
     release_host_memory: bool = opt(False, "On CPU: after each optimizer step, return the allocator's free heap "
                                     "pages to the system (glibc malloc_trim) when >= 512 MiB sit free, so a step's "
-                                    "activations do not land on top of the previous step's freed ones: about 7 percent lower "
-                                    "peak RSS for about 6 percent of speed (BENCHMARKS.md).", group="efficiency")
+                                    "activations do not land on top of the previous step's freed ones: about "
+                                    "7 percent lower peak RSS for about 6 percent of speed (BENCHMARKS.md).",
+                                    group="efficiency")
     use_liger_kernel: bool = opt(False, "Patch the model with Liger's Triton kernels (RMSNorm, RoPE, SwiGLU); "
                                  "needs a CUDA GPU and liger-kernel. Without a GPU: a message and the plain "
                                  "kernels.", group="efficiency")
