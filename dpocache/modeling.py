@@ -42,14 +42,26 @@ def _is_offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "tekken.json"}
+
+
 def _explain(kind: str, name: str, exc: Exception) -> ModelLoadError:
     local = Path(name).expanduser()
     if kind == "model" and "Unrecognized configuration class" in str(exc):
         kind_of = str(exc).split("configuration class", 1)[1].split("for this kind", 1)[0].strip(" <>'.")
         return ModelLoadError(f"{name}: not a causal (decoder-only) language model ({kind_of.rsplit('.', 1)[-1]}); "
                               "dpocache trains and scores models AutoModelForCausalLM can load")
+    if local.is_dir():
+        names = {f.name for f in local.iterdir()}
+        if kind == "model" and "config.json" not in names and not any(n.endswith(".gguf") for n in names):
+            return ModelLoadError(f"{local}: no config.json, so not a Hugging Face model directory")
+        if kind == "tokenizer" and not names & _TOKENIZER_FILES:
+            return ModelLoadError(f"{local}: no tokenizer files ({', '.join(sorted(_TOKENIZER_FILES))}); pass "
+                                  "--tokenizer_name_or_path or save the tokenizer with the model")
     if local.exists():
-        return ModelLoadError(f"could not load the {kind} from {local}: {type(exc).__name__}: {exc}")
+        first = (str(exc).strip().splitlines() or [""])[0][:400]
+        return ModelLoadError(f"could not load the {kind} from {local}: {type(exc).__name__}: {first}")
     if "/" in name and not name.startswith((".", "/")):
         how = ("the machine is offline (HF_HUB_OFFLINE is set)" if _is_offline()
                else "it is not in the local cache and the hub could not be reached")
@@ -68,6 +80,17 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
                                              trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _explain("tokenizer", str(name_or_path), exc) from None
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Fail fast, before any data work, when the model's config cannot be read (no model at that path)."""
+    from transformers import AutoConfig
+
+    name = str(cfg.model_name_or_path)
+    try:
+        AutoConfig.from_pretrained(name, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _explain("model", name, exc) from None
 
 
 def load_causal_lm(cfg: ModelConfig, *, name_or_path: str | None = None, train: bool = False):

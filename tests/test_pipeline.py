@@ -104,3 +104,25 @@ def test_models_that_cannot_be_loaded_are_named(tokenizer_dir, data_files, tmp_p
     err = capsys.readouterr().err
     assert "could not fetch the tokenizer 'some-org/some-model' from the Hugging Face Hub: the machine is offline" \
         in err and "\n" not in err.strip()
+
+
+def test_paths_of_the_wrong_kind_are_named(tiny_model_dir, data_files, tmp_path, capsys):
+    train, _ = data_files
+    a_file, empty = tmp_path / "a_file", tmp_path / "empty"
+    a_file.write_text("x")
+    empty.mkdir()
+    cases = [
+        (["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(train), "--store", str(a_file)],
+         f"{a_file}: exists and is not a directory; a store is a directory"),
+        (["train", "--model_name_or_path", str(tiny_model_dir), "--store", str(tmp_path), "--output_dir", str(a_file)],
+         f"output_dir: {a_file} exists and is not a directory"),
+        (["score", "--model_name_or_path", str(empty), "--dataset", str(train), "--store", str(tmp_path / "s")],
+         f"{empty}: no config.json, so not a Hugging Face model directory"),
+        (["score", "--model_name_or_path", str(tiny_model_dir), "--tokenizer_name_or_path", str(empty), "--dataset",
+          str(train), "--store", str(tmp_path / "s2")], f"{empty}: no tokenizer files ("),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert a_file.read_text() == "x"  # nothing was written over it

@@ -168,7 +168,12 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
 @contextmanager
 def store_lock(root: Path):
     """Exclusive lock around read-modify-write of the manifest (works across processes)."""
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"{root}: exists and is not a directory; a store is a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{root}: cannot create the store directory ({exc.strerror or exc})") from None
     with open(root / LOCK, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -26,8 +26,8 @@ from dpocache.artifacts.identity import dpocache_home, library_versions, text_fi
 from dpocache.config import ConfigError, check, opt
 from dpocache.data import HASH_VERSION, DataConfig, load_preference_data, prepare_tokenizer
 from dpocache.logprobs import TokenLogps, pad_batch
-from dpocache.modeling import ModelConfig, load_causal_lm, load_tokenizer, local_model_dir, \
-    resize_for_tokenizer
+from dpocache.modeling import ModelConfig, ModelLoadError, check_model_config, load_causal_lm, load_tokenizer, \
+    local_model_dir, resize_for_tokenizer
 
 
 @dataclass
@@ -113,8 +113,12 @@ def reference_identity(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: 
                        tokenizer, vllm_options=None) -> dict:
     """What makes two reference computations interchangeable (compared field by field)."""
     model_dir = reference_model_dir(model_cfg)
+    try:
+        weights = weights_fingerprint(model_dir)
+    except FileNotFoundError as exc:
+        raise ModelLoadError(str(exc)) from None
     return {
-        "model_weights_sha256": weights_fingerprint(model_dir),
+        "model_weights_sha256": weights,
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "chat_template_sha256": text_fingerprint(tokenizer.chat_template or ""),
         "max_seq_length": data_cfg.max_seq_length,
@@ -195,6 +199,7 @@ class ScorePlan:
 def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, *, vllm_options=None,
           progress=True) -> ScorePlan:
     check(model_cfg.model_name_or_path is not None, "score needs --model_name_or_path")
+    check_model_config(model_cfg)
     tok_name = data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path
     tokenizer = load_tokenizer(tok_name, revision=model_cfg.model_revision,
                                trust_remote_code=model_cfg.trust_remote_code)

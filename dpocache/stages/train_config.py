@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from dpocache.config import check, opt
@@ -130,6 +131,9 @@ class TrainConfig:
         check(self.logps_chunk_size >= 1, "logps_chunk_size must be >= 1")
         check(self.logps_keep_mb >= 0, "logps_keep_mb must be >= 0")
         check(self.keep_last_n_checkpoints >= 1, "keep_last_n_checkpoints must be >= 1")
+        check(bool(str(self.output_dir).strip()), "output_dir: empty path")
+        out = Path(self.output_dir).expanduser()
+        check(not out.exists() or out.is_dir(), f"output_dir: {out} exists and is not a directory")
         bad = sorted(set(self.report_to) - {"tensorboard", "wandb"})
         check(not bad, f"report_to: unknown tracker(s) {bad} (tensorboard, wandb)")
         check(not self.push_to_hub or self.hf_repo_id is not None, "push_to_hub needs --hf_repo_id (org/name)")
