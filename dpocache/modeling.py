@@ -82,15 +82,44 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
         raise _explain("tokenizer", str(name_or_path), exc) from None
 
 
-def check_model_config(cfg: ModelConfig) -> None:
-    """Fail fast, before any data work, when the model's config cannot be read (no model at that path)."""
-    from transformers import AutoConfig
+def check_model_config(cfg: ModelConfig):
+    """The model's config, read before any data work: no model at that path, or a model that is not a causal
+    language model, fails fast. Returns the config."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
     name = str(cfg.model_name_or_path)
     try:
-        AutoConfig.from_pretrained(name, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(name, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _explain("model", name, exc) from None
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if not remote and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelLoadError(f"{name}: not a causal (decoder-only) language model ({type(config).__name__}); "
+                             "dpocache trains and scores models AutoModelForCausalLM can load")
+    return config
+
+
+def position_limit(config) -> tuple[int | None, str | None]:
+    """(most positions the model can embed, the config field that says so), or (None, None) when the config
+    sets no hard limit (no such field, or rotary positions with a scaling rule)."""
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        return None, None
+    for field in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, field
+    return None, None
+
+
+def check_sequence_lengths(config, longest: int, where: str) -> None:
+    """A clear error, before any compute, when ``longest`` exceeds the model's position limit."""
+    from dpocache.config import ConfigError
+
+    limit, field = position_limit(config)
+    if limit is not None and longest > limit:
+        raise ConfigError(f"{where}: the longest sequence has {longest} tokens, more than the {limit} positions the "
+                          f"model embeds ({field} in its config); pass --max_seq_length {limit} (or less) to truncate")
 
 
 def load_causal_lm(cfg: ModelConfig, *, name_or_path: str | None = None, train: bool = False):

@@ -126,3 +126,34 @@ def test_paths_of_the_wrong_kind_are_named(tiny_model_dir, data_files, tmp_path,
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert a_file.read_text() == "x"  # nothing was written over it
+
+
+def test_sequences_longer_than_the_model_embeds_are_named_before_any_compute(tokenizer_dir, tmp_path, capsys):
+    """GPT-2 style learned positions (n_positions): stage one and stage two refuse longer sequences with the limit
+    and the flag that fixes it; --max_seq_length makes the same data work."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = conversational_rows(6, seed=3)
+    rows[2]["chosen"][-1]["content"] = "a long answer " * 30
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    models = {}
+    for positions in (96, 512):
+        models[positions] = tmp_path / f"gpt2_{positions}"
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2,
+                                   n_positions=positions)).save_pretrained(models[positions])
+        tok.save_pretrained(models[positions])
+    assert main(["score", "--model_name_or_path", str(models[96]), "--dataset", str(data), "--store",
+                 str(tmp_path / "s96")]) == 2
+    err = capsys.readouterr().err
+    assert "more than the 96 positions the model embeds (max_position_embeddings in its config); pass " \
+        "--max_seq_length 96" in err
+    assert not (tmp_path / "s96").exists()  # refused before a store was made
+    assert main(["score", "--model_name_or_path", str(models[96]), "--dataset", str(data), "--store",
+                 str(tmp_path / "s96"), "--max_seq_length", "96"]) == 0
+    assert main(["score", "--model_name_or_path", str(models[512]), "--dataset", str(data), "--store",
+                 str(tmp_path / "s512")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model_name_or_path", str(models[96]), "--store", str(tmp_path / "s512"),
+                 "--output_dir", str(tmp_path / "o")]) == 2
+    assert "more than the 96 positions the model embeds" in capsys.readouterr().err

@@ -26,8 +26,8 @@ from dpocache.artifacts.identity import dpocache_home, library_versions, text_fi
 from dpocache.config import ConfigError, check, opt
 from dpocache.data import HASH_VERSION, DataConfig, load_preference_data, prepare_tokenizer
 from dpocache.logprobs import TokenLogps, pad_batch
-from dpocache.modeling import ModelConfig, ModelLoadError, check_model_config, load_causal_lm, load_tokenizer, \
-    local_model_dir, resize_for_tokenizer
+from dpocache.modeling import ModelConfig, ModelLoadError, check_model_config, check_sequence_lengths, \
+    load_causal_lm, load_tokenizer, local_model_dir, resize_for_tokenizer
 
 
 @dataclass
@@ -199,12 +199,13 @@ class ScorePlan:
 def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, *, vllm_options=None,
           progress=True) -> ScorePlan:
     check(model_cfg.model_name_or_path is not None, "score needs --model_name_or_path")
-    check_model_config(model_cfg)
+    config = check_model_config(model_cfg)
     tok_name = data_cfg.tokenizer_name_or_path or model_cfg.model_name_or_path
     tokenizer = load_tokenizer(tok_name, revision=model_cfg.model_revision,
                                trust_remote_code=model_cfg.trust_remote_code)
     tokenizer, _ = prepare_tokenizer(tokenizer, data_cfg)
     prepared = load_preference_data(data_cfg, tokenizer, progress=progress)
+    check_sequence_lengths(config, longest_sequence(prepared.dataset), f"the data of {prepared.name}")
     identity = reference_identity(model_cfg, data_cfg, score_cfg, tokenizer, vllm_options)
     info = library_versions()
     info.update(model_name=str(model_cfg.model_name_or_path), model_revision=model_cfg.model_revision,
@@ -218,6 +219,19 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, 
     reused = sum(1 for h in hashes if h in existing)
     name = score_cfg.store_dataset or prepared.name
     return ScorePlan(tokenizer, prepared.dataset, name, store, chunks, prepared.stats, prepared.hashes, reused)
+
+
+def longest_sequence(dataset) -> int:
+    """Tokens of the longest chosen or rejected sequence of a tokenized dataset (read in Arrow batches)."""
+    import pyarrow.compute as pc
+
+    longest = 0
+    columns = dataset.select_columns(["chosen_input_ids", "rejected_input_ids"]).with_format("arrow")
+    for batch in columns.iter(batch_size=8192):
+        for name in ("chosen_input_ids", "rejected_input_ids"):
+            top = pc.max(pc.list_value_length(batch[name])).as_py()
+            longest = max(longest, top or 0)
+    return longest
 
 
 def _rows_for(batch: dict, logps: list[np.ndarray], keep_token_logps: bool) -> list[dict]:
