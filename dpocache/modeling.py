@@ -48,10 +48,6 @@ _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def _explain(kind: str, name: str, exc: Exception) -> ModelLoadError:
     local = Path(name).expanduser()
-    if kind == "model" and "Unrecognized configuration class" in str(exc):
-        kind_of = str(exc).split("configuration class", 1)[1].split("for this kind", 1)[0].strip(" <>'.")
-        return ModelLoadError(f"{name}: not a causal (decoder-only) language model ({kind_of.rsplit('.', 1)[-1]}); "
-                              "dpocache trains and scores models AutoModelForCausalLM can load")
     if local.is_dir():
         names = {f.name for f in local.iterdir()}
         if kind == "model" and "config.json" not in names and not any(n.endswith(".gguf") for n in names):

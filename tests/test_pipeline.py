@@ -102,7 +102,7 @@ def test_models_that_cannot_be_loaded_are_named(tokenizer_dir, data_files, tmp_p
     assert main(["train", "--model_name_or_path", "some-org/some-model", "--loss_type", "simpo",
                  "--dataset", str(train), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "could not fetch the tokenizer 'some-org/some-model' from the Hugging Face Hub: the machine is offline" \
+    assert "could not fetch the model 'some-org/some-model' from the Hugging Face Hub: the machine is offline" \
         in err and "\n" not in err.strip()
 
 

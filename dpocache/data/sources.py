@@ -6,6 +6,8 @@ physical line number, blank lines included), ``row N`` (1-based) otherwise.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 import lzma
 import os
@@ -21,16 +23,8 @@ COMPRESSIONS = (".gz", ".bz2", ".xz")  # JSON and JSON Lines files may be compre
 
 def _open(path: Path, mode: str = "rb", **kwargs):
     """Open a file, decompressing ``.gz``/``.bz2``/``.xz`` on the fly (standard library)."""
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        import gzip
-        return gzip.open(path, mode, **kwargs)
-    if suffix == ".bz2":
-        import bz2
-        return bz2.open(path, mode, **kwargs)
-    if suffix == ".xz":
-        return lzma.open(path, mode, **kwargs)
-    return open(path, mode, **kwargs)
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix.lower(), open)
+    return opener(path, mode, **kwargs)
 
 
 def file_kind(path: Path) -> str:
@@ -193,6 +187,7 @@ def _split_files(path: Path, source: str, split: str) -> list[Path]:
         patterns = get_data_patterns(str(path))
     except Exception:  # noqa: BLE001 - datasets raises its own EmptyDatasetError (and others) for no files
         patterns = {}
+
     def matches(pattern: str) -> list[str]:
         try:
             return resolve_pattern(pattern, str(path))

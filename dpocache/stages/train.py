@@ -26,7 +26,8 @@ from dpocache.hub import check_hub_access, push_output
 from dpocache.logprobs import TokenLogps, supports_selected_path
 from dpocache.losses import batch_metrics, preference_loss
 from dpocache.model_card import write_model_card
-from dpocache.modeling import ModelConfig, check_sequence_lengths, load_causal_lm, resize_for_tokenizer
+from dpocache.modeling import (ModelConfig, check_model_config, check_sequence_lengths, load_causal_lm,
+                               resize_for_tokenizer)
 from dpocache.packing import require_packing
 from dpocache.stages.distributed import (configure_deepspeed, engine_name, full_state_dict, is_deepspeed,
                                          make_accelerator, zero_stage)
@@ -74,9 +75,10 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
           "--merge_lora is not supported under DeepSpeed ZeRO-3 (parameters are partitioned): save the adapter "
           "and merge it afterwards, or use ZeRO-2")
     set_seed(cfg.seed)
+    config = check_model_config(model_cfg)
     store, name, examples, tokenizer = load_training_data(model_cfg, cfg, data_cfg, log=log)
+    check_sequence_lengths(config, int(examples.lengths.max()), f"example list '{name}'")
     model = load_causal_lm(model_cfg, train=True)
-    check_sequence_lengths(model.config, int(examples.lengths.max()), f"example list '{name}'")
     resize_for_tokenizer(model, tokenizer)
     if cfg.disable_dropout and (zeroed := disable_dropout(model)):
         log(f"stage two: dropout off ({zeroed} non-zero rate(s) set to 0; --disable_dropout false keeps them)")
