@@ -74,7 +74,7 @@ def bench_model(work: Path, name: str) -> Path:
     if name == "smollm2":
         from dpocache.defaults import default_model_path
 
-        return default_model_path(log=lambda *_: None)
+        return default_model_path()
     from conftest import make_tiny_llama
 
     if name == "tiny":

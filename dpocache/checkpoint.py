@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpocache.artifacts.manifest import fsync_dir, pid_alive
+from dpocache.artifacts.manifest import pid_alive
+from dpocache.files import fsync_dir
 from dpocache.config import ConfigError
 
 MARKER = "COMPLETE"

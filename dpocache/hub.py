@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from dpocache.console import log
 from dpocache.config import ConfigError, parse_bool
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -49,7 +50,7 @@ def offline_mode() -> bool:
     return now in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
 
 
-def check_hub_access(cfg, *, log=print) -> None:
+def check_hub_access(cfg) -> None:
     """Before any work: ``--push_to_hub`` needs a token (a ConfigError otherwise)."""
     if not cfg.push_to_hub:
         return
@@ -90,7 +91,7 @@ def _redact(text: str, token: str | None) -> str:
 
 
 def push_to_hub(output_dir: str | Path, repo_id: str, *, revision: str | None = None, private: bool = True,
-                commit_message: str | None = None, log=print) -> str:
+                commit_message: str | None = None) -> str:
     """Create the repository (and branch), upload the saved model in one commit; returns the commit URL.
 
     Raises :class:`ConfigError` without a token or without a saved model, and :class:`HubError` when
@@ -140,11 +141,10 @@ def _upload(endpoint: str, token: str, out: Path, files: list[Path], repo_id: st
     return str(getattr(info, "commit_url", None) or f"{endpoint}/{full_id}")
 
 
-def push_output(cfg, *, log=print) -> str:
+def push_output(cfg) -> str:
     """Push ``cfg.output_dir`` with the hub settings of a :class:`TrainConfig`."""
     return push_to_hub(cfg.output_dir, cfg.hf_repo_id, revision=cfg.hf_repo_revision, private=cfg.hf_private,
-                       commit_message=f"Upload {Path(cfg.output_dir).resolve().name} ({cfg.loss_type}, dpocache)",
-                       log=log)
+                       commit_message=f"Upload {Path(cfg.output_dir).resolve().name} ({cfg.loss_type}, dpocache)")
 
 
 def main(argv: list[str] | None = None) -> int:

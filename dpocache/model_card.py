@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import yaml
 
 from dpocache import __version__
+from dpocache.files import atomic_write_text
 
 
 def write_model_card(out_dir: str | Path, *, base_model: str, train_cfg, store_root: str | Path | None,
@@ -38,7 +38,5 @@ def write_model_card(out_dir: str | Path, *, base_model: str, train_cfg, store_r
         "## Training configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```", "",
     ]
     path = out / "README.md"
-    tmp = path.with_name(".README.md.tmp")
-    tmp.write_text("\n".join(text))
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(text))
     return path

@@ -8,14 +8,15 @@ entirely: no reference model is loaded, no store is written, and stage two token
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpocache.console import log
 from dpocache.config import ConfigError, check, opt, to_dict
 from dpocache.data import DataConfig
+from dpocache.files import atomic_write_json
 from dpocache.hub import check_hub_access, push_output
 from dpocache.losses import REFERENCE_FREE
 from dpocache.modeling import ModelConfig
@@ -38,7 +39,7 @@ class RunConfig:
         check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
 
 
-def apply_embedded_defaults(model_cfg: ModelConfig, data_cfg: DataConfig, run_cfg: RunConfig, *, log=print):
+def apply_embedded_defaults(model_cfg: ModelConfig, data_cfg: DataConfig, run_cfg: RunConfig):
     """No model or data given: use the embedded SmolLM2-135M-Instruct and preference dataset."""
     if model_cfg.model_name_or_path is None:
         from dpocache import defaults
@@ -61,17 +62,6 @@ def _barrier() -> None:
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
-
-
-def _atomic_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=False, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -97,13 +87,13 @@ def heldout_data(data_cfg: DataConfig, run_cfg: RunConfig) -> DataConfig | None:
 
 
 def stage_one(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, held_data: DataConfig | None,
-              vllm_options, *, progress=True, log=print) -> StageOne:
+              vllm_options, *, progress=True) -> StageOne:
     """Score what the store lacks of the training and held-out data."""
-    first = run_score(model_cfg, data_cfg, score_cfg, vllm_options, progress=progress, log=log)
+    first = run_score(model_cfg, data_cfg, score_cfg, vllm_options, progress=progress)
     heldout = None
     if held_data is not None:
         held_score = dataclasses.replace(score_cfg, store=first.store, store_dataset=f"{first.list_name}-heldout")
-        heldout = run_score(model_cfg, held_data, held_score, vllm_options, progress=progress, log=log)
+        heldout = run_score(model_cfg, held_data, held_score, vllm_options, progress=progress)
     scored = first.scored + (heldout.scored if heldout else 0)
     _barrier()  # under a multi-process launch, every rank's part must be in the store before training
     return StageOne(first.store, first.list_name, heldout.list_name if heldout else None, first.examples, scored,
@@ -112,7 +102,7 @@ def stage_one(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConf
                     None if scored else "every example already scored")
 
 
-def skip_stage_one(train_cfg: TrainConfig, score_cfg: ScoreConfig, *, log=print) -> StageOne:
+def skip_stage_one(train_cfg: TrainConfig, score_cfg: ScoreConfig) -> StageOne:
     """A reference-free loss needs no reference: no reference model is loaded and no store is written."""
     reason = f"the {train_cfg.loss_type} loss is reference-free: no reference model, no store"
     log(f"stage one: skipped ({reason})" + ("; --store is not used" if score_cfg.store else ""))
@@ -120,20 +110,20 @@ def skip_stage_one(train_cfg: TrainConfig, score_cfg: ScoreConfig, *, log=print)
 
 
 def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, train_cfg: TrainConfig,
-        run_cfg: RunConfig, vllm_options=None, *, progress=True, log=print) -> dict:
+        run_cfg: RunConfig, vllm_options=None, *, progress=True) -> dict:
     t_start = time.perf_counter()
-    apply_embedded_defaults(model_cfg, data_cfg, run_cfg, log=log)
-    check_hub_access(train_cfg, log=log)  # --push_to_hub without a token: fail before any work
+    apply_embedded_defaults(model_cfg, data_cfg, run_cfg)
+    check_hub_access(train_cfg)  # --push_to_hub without a token: fail before any work
     held_data = heldout_data(data_cfg, run_cfg)
     if train_cfg.loss_type in REFERENCE_FREE:
-        first = skip_stage_one(train_cfg, score_cfg, log=log)
+        first = skip_stage_one(train_cfg, score_cfg)
         train_cfg = dataclasses.replace(train_cfg, store=None, store_dataset=None)
     else:
-        first = stage_one(model_cfg, data_cfg, score_cfg, held_data, vllm_options, progress=progress, log=log)
+        first = stage_one(model_cfg, data_cfg, score_cfg, held_data, vllm_options, progress=progress)
         train_cfg = dataclasses.replace(train_cfg, store=first.store, store_dataset=first.list_name)
     t_train = time.perf_counter()
     state = run_train(model_cfg, train_cfg, data_cfg=data_cfg if first.store is None else None, push=False,
-                      progress=progress, log=log)
+                      progress=progress)
     train_seconds = time.perf_counter() - t_train
 
     summary = {
@@ -170,10 +160,10 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     summary["config"] = to_dict(model_cfg, data_cfg, score_cfg, train_cfg, run_cfg)
     if is_main:
-        _atomic_json(Path(train_cfg.output_dir) / "summary.json", summary)
+        atomic_write_json(Path(train_cfg.output_dir) / "summary.json", summary)
         log(format_summary(summary))
         if train_cfg.push_to_hub:  # last: everything is saved locally before the network is needed
-            push_output(train_cfg, log=log)
+            push_output(train_cfg)
     return summary
 
 

@@ -8,6 +8,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from dpocache.files import atomic_write_text
+
 # Display order of the seed's metric names; anything else follows alphabetically.
 METRIC_ORDER = ("training_step", "learning_rate", "epoch", "train_loss", "logps/chosen", "logps/rejected",
                 "rewards/chosen", "rewards/rejected", "rewards/average", "rewards/accuracy",
@@ -63,9 +65,7 @@ class JsonlWriter:
         if keep_until_step and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("training_step", 0) <= keep_until_step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def write(self, metrics: dict) -> None:

@@ -157,7 +157,7 @@ def test_missing_wheel_gives_install_instructions(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_conversion_matches_the_gguf_model_and_runs_once(monkeypatch, tmp_path):
+def test_conversion_matches_the_gguf_model_and_runs_once(monkeypatch, tmp_path, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -205,6 +205,6 @@ def test_conversion_matches_the_gguf_model_and_runs_once(monkeypatch, tmp_path):
 
     # A second call reuses the directory: no conversion, nothing rewritten.
     mtimes = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
-    lines: list[str] = []
-    assert defaults.default_model_path(log=lines.append) == path
-    assert lines == [] and {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == mtimes
+    capsys.readouterr()
+    assert defaults.default_model_path() == path
+    assert capsys.readouterr().out == "" and {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == mtimes

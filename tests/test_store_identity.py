@@ -6,7 +6,8 @@ import hashlib
 import json
 import shutil
 
-from dpocache.artifacts.identity import (dpocache_home, library_versions, text_fingerprint, tokenizer_fingerprint,
+from dpocache.files import dpocache_home
+from dpocache.artifacts.identity import (library_versions, text_fingerprint, tokenizer_fingerprint,
                                          weights_fingerprint)
 
 

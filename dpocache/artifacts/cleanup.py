@@ -17,7 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from dpocache.artifacts.manifest import TMP_PREFIX, Manifest
+from dpocache.artifacts.manifest import Manifest
+from dpocache.files import TMP_PREFIX
 
 WRITERS_DIR = ".writers"
 SHARD_DIR = "shards"

@@ -5,32 +5,17 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 
+from dpocache.files import atomic_write_json, dpocache_home, file_sha256
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_CHUNK = 16 * 1024 * 1024
-
-
-def dpocache_home() -> Path:
-    """``$DPOCACHE_HOME`` or ``~/.cache/dpocache``: converted models, default stores, hash cache."""
-    return Path(os.environ.get("DPOCACHE_HOME") or Path.home() / ".cache" / "dpocache")
 
 
 def text_fingerprint(text: str) -> str:
     """sha256 hex of a text (UTF-8), e.g. a chat template."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex of a file's bytes, read in 16 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 # Files with weight-like suffixes that hold training state, not weights (HF Trainer checkpoints).
@@ -78,12 +63,7 @@ def _save_cache(entries: dict) -> None:
         updated = {key.rsplit("|", 2)[0] for key in entries}
         merged = {k: v for k, v in _load_cache().items() if k.rsplit("|", 2)[0] not in updated}
         merged.update(entries)
-        tmp = path.with_name(f".hash-cache.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(merged, indent=1, sort_keys=True))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write_json(path, dict(sorted(merged.items())), indent=1)
 
 
 def weights_fingerprint(path: str | Path) -> str:

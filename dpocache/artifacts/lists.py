@@ -7,8 +7,8 @@ import re
 import uuid
 from pathlib import Path
 
-from dpocache.artifacts.identity import file_sha256
-from dpocache.artifacts.manifest import StoreError, atomic_write_bytes, safe_relpath
+from dpocache.artifacts.manifest import StoreError, safe_relpath
+from dpocache.files import atomic_write_bytes, file_sha256
 from dpocache.artifacts.shards import HASH_RE
 
 LIST_DIR = "lists"

@@ -5,16 +5,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from dpocache.files import atomic_write_bytes
 
 STORE_FORMAT = "dpocache-reference-store"
 STORE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-TMP_PREFIX = ".tmp-"
 
 
 class StoreError(Exception):
@@ -126,14 +126,6 @@ def read_manifest(root: Path) -> Manifest:
     return manifest
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def pid_alive(pid: int) -> bool:
     """Is a process with this id running on this host?"""
     try:
@@ -143,21 +135,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a unique temporary file, fsync it, rename it over ``path``, fsync the directory."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpocache.artifacts.identity import file_sha256
-from dpocache.artifacts.manifest import StoreError, fsync_dir
+from dpocache.artifacts.manifest import StoreError
+from dpocache.files import file_sha256, fsync_dir
 
 SHARD_DIR = "shards"
 ROW_GROUP_ROWS = 64  # small row groups: a training batch reads a few of them, never a whole shard

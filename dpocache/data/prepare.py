@@ -111,7 +111,7 @@ def _detect(raw: object, source: str, label: str) -> str:
 
 
 def _cache_dir(cfg: DataConfig) -> Path:
-    from dpocache.artifacts.identity import dpocache_home
+    from dpocache.files import dpocache_home
 
     path = Path(cfg.dataset_cache_dir).expanduser() if cfg.dataset_cache_dir else dpocache_home() / "tokenized"
     path.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dpocache.console import log
 from dpocache.artifacts import ReferenceStore, StoreError
 from dpocache.artifacts.identity import text_fingerprint, tokenizer_fingerprint
 from dpocache.config import ConfigError
@@ -82,7 +83,7 @@ def data_tokenizer(model_cfg: ModelConfig, data_cfg: DataConfig):
     return tok
 
 
-def load_training_data(model_cfg: ModelConfig, cfg, data_cfg: DataConfig | None = None, *, log=print):
+def load_training_data(model_cfg: ModelConfig, cfg, data_cfg: DataConfig | None = None):
     """Where stage two's examples come from: ``(store or None, list name, Examples, tokenizer)``.
 
     With ``--store``: the store's example list, and the policy's tokenizer set up as stage one set it

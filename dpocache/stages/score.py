@@ -20,10 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dpocache.console import log
 from dpocache.artifacts import ReferenceStore
-from dpocache.artifacts.identity import dpocache_home, library_versions, text_fingerprint, tokenizer_fingerprint, \
+from dpocache.artifacts.identity import library_versions, text_fingerprint, tokenizer_fingerprint, \
     weights_fingerprint
 from dpocache.config import ConfigError, check, opt
+from dpocache.files import dpocache_home
 from dpocache.data import HASH_VERSION, DataConfig, load_preference_data, prepare_tokenizer
 from dpocache.logprobs import TokenLogps, pad_batch
 from dpocache.modeling import ModelConfig, ModelLoadError, check_model_config, check_sequence_lengths, \
@@ -276,7 +278,7 @@ def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> 
 
 
 def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, vllm_options=None,
-              *, progress=True, log=print) -> ScoreResult:
+              *, progress=True) -> ScoreResult:
     t0 = time.perf_counter()
     plan = setup(model_cfg, data_cfg, score_cfg, vllm_options=vllm_options, progress=progress)
     total = len(plan.dataset)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dpocache.console import log
 from dpocache.artifacts import ReferenceStore
 from dpocache.batching import epoch_order, micro_batches
 from dpocache.checkpoint import (begin_checkpoint, finish_checkpoint, load_checkpoint, load_optimizer_partition,
@@ -62,7 +63,7 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None, log=print) -> TrainState:
+def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None) -> TrainState:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -76,14 +77,14 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
           "and merge it afterwards, or use ZeRO-2")
     set_seed(cfg.seed)
     config = check_model_config(model_cfg)
-    store, name, examples, tokenizer = load_training_data(model_cfg, cfg, data_cfg, log=log)
+    store, name, examples, tokenizer = load_training_data(model_cfg, cfg, data_cfg)
     check_sequence_lengths(config, int(examples.lengths.max()), f"example list '{name}'")
     model = load_causal_lm(model_cfg, train=True)
     resize_for_tokenizer(model, tokenizer)
     if cfg.disable_dropout and (zeroed := disable_dropout(model)):
         log(f"stage two: dropout off ({zeroed} non-zero rate(s) set to 0; --disable_dropout false keeps them)")
     if cfg.use_liger_kernel:
-        apply_liger_kernel(model, log=log)
+        apply_liger_kernel(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg.activation_memory_budget)
     if cfg.use_lora:
@@ -188,7 +189,7 @@ def _checkpoint(state: TrainState, step: int) -> None:
     acc.wait_for_everyone()
 
 
-def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
+def train(state: TrainState, *, progress=True) -> list[dict]:
     cfg, acc = state.cfg, state.accelerator
     is_main = acc.is_main_process
     out_dir = Path(cfg.output_dir)
@@ -260,7 +261,7 @@ def train(state: TrainState, *, progress=True, log=print) -> list[dict]:
     return state.history
 
 
-def save(state: TrainState, *, log=print) -> Path:
+def save(state: TrainState) -> Path:
     """Final model (safetensors) and tokenizer (with its chat template) into ``output_dir``."""
     acc = state.accelerator
     out = Path(state.cfg.output_dir)
@@ -284,18 +285,18 @@ def save(state: TrainState, *, log=print) -> Path:
 
 
 def run_train(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None, push: bool = True,
-              progress=True, log=print) -> TrainState:
+              progress=True) -> TrainState:
     """Setup, train, save; then (``--push_to_hub``, rank 0, unless ``push`` is False) upload the model.
 
     ``data_cfg`` is the data a reference-free loss trains from when there is no store.
     """
-    check_hub_access(cfg, log=log)  # no token: fail before any work
-    state = setup(model_cfg, cfg, data_cfg=data_cfg, log=log)
+    check_hub_access(cfg)  # no token: fail before any work
+    state = setup(model_cfg, cfg, data_cfg=data_cfg)
     source = state.store.root if state.store is not None else "the data (no store)"
     log(f"stage two: {len(state.examples)} examples from list '{state.list_name}' of {source}; "
         f"{state.total_steps} optimizer steps, loss {cfg.loss_type}")
-    train(state, progress=progress, log=log)
-    save(state, log=log)
+    train(state, progress=progress)
+    save(state)
     if push and cfg.push_to_hub and state.accelerator.is_main_process:
-        push_output(cfg, log=log)
+        push_output(cfg)
     return state

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from dpocache.console import log
 from dpocache.config import ConfigError
 from dpocache.modeling import ModelConfig
 from dpocache.stages.train_config import TrainConfig
@@ -91,7 +92,7 @@ def enable_gradient_checkpointing(model, budget: float = 0.0) -> int:
     return len(layers) - keep
 
 
-def apply_liger_kernel(model, *, log=print) -> bool:
+def apply_liger_kernel(model) -> bool:
     """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, ...) patched into ``model`` when a CUDA GPU is present.
 
     Only the model kernels are used: Liger's fused linear cross-entropy and its chunked preference losses
