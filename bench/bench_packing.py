@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def make_examples(pairs: int, seed: int = 0):
-    from dpocache.stages.examples import Examples
+    from dpocache.stages.train.examples import Examples
 
     rng = np.random.default_rng(seed)
     ci, cm, ri, rm = [], [], [], []
@@ -48,7 +48,7 @@ def make_examples(pairs: int, seed: int = 0):
 
 
 def order_batches(examples, batch: int, grouped: bool):
-    from dpocache.batching import epoch_order, micro_batches
+    from dpocache.stages.train.batching import epoch_order, micro_batches
 
     order = epoch_order(examples.lengths, batch, seed=42, epoch=0, group_by_length=grouped)
     return [list(map(int, idx)) for idx in micro_batches(order, batch)]
@@ -60,7 +60,7 @@ def child(args) -> None:
 
     from dpocache.logprobs import TokenLogps
     from dpocache.losses import preference_loss
-    from dpocache.stages.examples import forward_batch
+    from dpocache.stages.train.examples import forward_batch
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).train()

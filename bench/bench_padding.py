@@ -4,7 +4,7 @@
 The pairs are the synthetic mixed-length set of ``bench_train.py``, tokenized by dpocache's data layer
 (SmolLM2 tokenizer, ChatML, truncated to ``--max_length``). Each batch is one concatenated forward of
 chosen + rejected, padded to its longest sequence; the fraction is pad tokens / all tokens, over
-``--epochs`` epochs of each order (``dpocache.batching.epoch_order`` with and without grouping).
+``--epochs`` epochs of each order (``dpocache.stages.train.batching.epoch_order`` with and without grouping).
 
     python bench/bench_padding.py            # 2,048 pairs, batch 8, up to 256 tokens
     python bench/bench_padding.py --quick    # 256 pairs
@@ -58,7 +58,7 @@ def concatenated_padding(chosen: np.ndarray, rejected: np.ndarray, batches) -> f
 
 
 def measure(chosen: np.ndarray, rejected: np.ndarray, batch: int, epochs: int, seed: int, grouped: bool) -> float:
-    from dpocache.batching import epoch_order, micro_batches
+    from dpocache.stages.train.batching import epoch_order, micro_batches
 
     lengths = np.maximum(chosen, rejected)
     batches = []

@@ -25,8 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import (REPO, bench_model, child_env, count_params, median, run_child, synthetic_rows,
-                      write_jsonl)
+from benchlib import REPO, bench_model, child_env, count_params, median, run_child, synthetic_rows, write_jsonl
 from train_variants import VARIANTS, run_variant
 
 SIZES = {"tiny": {"batch": 8, "max_length": 256, "pairs": 128, "warmup": 2, "window": 4, "repeats": 3, "runs": 1},
@@ -81,9 +80,9 @@ def score_store(args, work: Path, model_dir: Path, home: Path) -> dict:
 def make_plan(args, work: Path, model_dir: Path, store: str) -> Path:
     """The examples as stage two loads them and the batches it will draw (dpocache's own order)."""
     from dpocache.artifacts import ReferenceStore
-    from dpocache.batching import epoch_order, micro_batches
-    from dpocache.stages.examples import load_examples, pick_list
-    from dpocache.stages.train_config import TrainConfig
+    from dpocache.stages.train.batching import epoch_order, micro_batches
+    from dpocache.stages.train.config import TrainConfig
+    from dpocache.stages.train.examples import load_examples, pick_list
 
     seed = TrainConfig().seed
     ref = ReferenceStore.open(store)

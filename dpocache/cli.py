@@ -13,6 +13,7 @@ import json
 import sys
 
 from dpocache.config import ConfigError, add_fields_to_parser, build, merged_values, to_dict
+from dpocache.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 def _classes(command: str) -> list[type]:
@@ -194,10 +195,11 @@ def _destroy_process_group() -> None:
 def _known_errors() -> tuple[type, ...]:
     from dpocache.artifacts import StoreError
     from dpocache.data import DataError
+    from dpocache.files import DiskFullError
     from dpocache.hub import HubError
     from dpocache.modeling import ModelLoadError
 
-    return (ConfigError, DataError, StoreError, ModelLoadError, HubError)
+    return (ConfigError, DataError, StoreError, ModelLoadError, HubError, DiskFullError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except _known_errors() as exc:
         print(f"dpocache {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"dpocache {args.command}: preempted: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print(f"dpocache {args.command}: interrupted", file=sys.stderr)
         return 130

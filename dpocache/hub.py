@@ -19,8 +19,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from dpocache.console import log
 from dpocache.config import ConfigError, parse_bool
+from dpocache.console import log
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 RUN_FILES = frozenset({"metrics.jsonl", "summary.json"})
@@ -149,7 +149,7 @@ def push_output(cfg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dpocache.hub OUTPUT_DIR --hf_repo_id REPO``: upload an already saved model."""
-    from dpocache.stages.train_config import valid_branch, valid_repo_id
+    from dpocache.stages.train.config import valid_branch, valid_repo_id
 
     parser = argparse.ArgumentParser(prog="python -m dpocache.hub",
                                      description="Upload a model saved by `dpocache train` to the Hugging Face Hub.")

@@ -129,7 +129,7 @@ def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_ma
     """``[B, T]`` fp32: log p(ids[b, t] | ids[b, :t]) where ``mask[b, t]``, else 0 (fast path).
 
     With ``router_logits`` (MoE models) returns ``(logps, router_logits)``. ``attention_mask=None`` with
-    ``position_ids`` restarting at 0 is a packed row (see :mod:`dpocache.packing`).
+    ``position_ids`` restarting at 0 is a packed row (see :mod:`dpocache.stages.train.packing`).
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
@@ -200,7 +200,7 @@ class TokenLogps(nn.Module):
                 position_ids: torch.Tensor | None = None):
         """Per-token log-probs; with ``load_balancing`` (MoE) a tuple ``(logps, router aux loss)``.
 
-        A packed row (:mod:`dpocache.packing`) passes ``attention_mask=None`` and its ``position_ids``.
+        A packed row (:mod:`dpocache.stages.train.packing`) passes ``attention_mask=None`` and its ``position_ids``.
         """
         if self.selected:
             out = selected_token_logps(self.model, input_ids, attention_mask, mask, chunk=self.chunk,

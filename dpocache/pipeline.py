@@ -13,18 +13,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpocache.console import log
 from dpocache.config import ConfigError, check, opt, to_dict
+from dpocache.console import log
 from dpocache.data import DataConfig
 from dpocache.files import atomic_write_json
 from dpocache.hub import check_hub_access, push_output
 from dpocache.losses import REFERENCE_FREE
 from dpocache.modeling import ModelConfig
 from dpocache.plotting import plot_metrics
-from dpocache.stages.examples import examples_from_data
 from dpocache.stages.score import ScoreConfig, run_score
-from dpocache.stages.distributed import zero_stage
 from dpocache.stages.train import TrainConfig, evaluate, load_examples, run_train
+from dpocache.stages.train.distributed import zero_stage
+from dpocache.stages.train.examples import examples_from_data
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpocache.config import ConfigError
-from dpocache.tracking import read_jsonl
+from dpocache.stages.train.tracking import read_jsonl
 
 PANELS = (
     ("loss", ("train_loss",)),

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from dpocache.batching import epoch_order, micro_batches, padded_fraction
+from dpocache.stages.train.batching import epoch_order, micro_batches, padded_fraction
 
 
 def lengths(n=500, seed=0):

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import conversational_rows, write_jsonl
+
 from dpocache.cli import main
 from dpocache.data import DataConfig, DataError, load_preference_data, prepare_tokenizer
 

@@ -6,8 +6,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import conversational_rows, write_jsonl
+
 from dpocache.data import CHAT_TEMPLATES, DataConfig, DataError, load_preference_data, prepare_tokenizer
 
 

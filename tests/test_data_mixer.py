@@ -9,8 +9,8 @@ import sys
 import datasets
 import numpy as np
 import pytest
-
 from conftest import conversational_rows, write_jsonl
+
 from dpocache.config import ConfigError
 from dpocache.data import DataConfig, DataError, example_hash, load_preference_data, prepare_tokenizer
 

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import conversational_rows, write_jsonl
+
 from dpocache.cli import main
 from dpocache.data import DataConfig
 from dpocache.data.report import format_summary, summarize

@@ -15,11 +15,11 @@ from pathlib import Path
 import deepspeed  # noqa: F401  (make test installs it; a missing install must fail, not skip)
 import pytest
 import torch
+from conftest import conversational_rows, score_rows, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import conversational_rows, score_rows, write_jsonl
 from dpocache.cli import main
-from dpocache.tracking import read_jsonl
+from dpocache.stages.train.tracking import read_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs"
 KEYS = ("train_loss", "logps/chosen", "logps/rejected", "rewards/margin", "rewards/accuracy")

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import GGUF_NAME, smollm_gguf_dir
+
 from dpocache import defaults
 
 ROOT = Path(__file__).resolve().parents[1]

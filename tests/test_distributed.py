@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import conversational_rows, score_rows, write_jsonl
+
 from dpocache.cli import main
-from dpocache.tracking import read_jsonl
+from dpocache.stages.train.tracking import read_jsonl
 
 
 @pytest.fixture(scope="module")

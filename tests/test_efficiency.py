@@ -4,12 +4,12 @@ autocast really computes in bf16 while staying close to fp32."""
 
 import pytest
 import torch
+from conftest import conversational_rows, make_tiny_llama, score_rows
 from transformers import AutoModelForCausalLM
 
-from conftest import conversational_rows, make_tiny_llama, score_rows
 from dpocache.cli import main
-from dpocache.stages.train_extras import enable_gradient_checkpointing
-from dpocache.tracking import read_jsonl
+from dpocache.stages.train.extras import enable_gradient_checkpointing
+from dpocache.stages.train.tracking import read_jsonl
 
 KEYS = ("train_loss", "logps/chosen", "logps/rejected", "rewards/margin", "grad_norm")
 

@@ -18,10 +18,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from conftest import conversational_rows, score_rows
+
 from dpocache.config import ConfigError
-from dpocache.stages.train_config import TrainConfig
+from dpocache.stages.train.config import TrainConfig
 
 TOKEN = "hf_" + "Zq7" * 12
 REPO = "acme/tiny-dpo"

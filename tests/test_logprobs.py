@@ -60,8 +60,14 @@ def test_selected_path_gradients_match_full_path(tiny_model_dir, keep_mb):
 def _big_logit_models():
     """Tiny Gemma 2 (soft-capping), Cohere (logit_scale) and Granite (logits_scaling) models whose output head
     is scaled up so that their logit transforms matter (raw logits of tens of nats)."""
-    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
-                              GraniteForCausalLM)
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
 
     small = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False)

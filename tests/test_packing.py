@@ -4,17 +4,26 @@ start-up probe refuses a model whose attention crosses sequence boundaries."""
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, FalconConfig, FalconForCausalLM, MistralConfig,
-                          MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from conftest import conversational_rows, score_rows
+from transformers import (
+    AutoModelForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-from conftest import score_rows, conversational_rows
 from dpocache.artifacts import ReferenceStore
 from dpocache.cli import main
 from dpocache.config import ConfigError
 from dpocache.logprobs import TokenLogps, pad_batch
-from dpocache.packing import pack_batch, packing_mismatch, require_packing, sequence_sums
-from dpocache.stages.examples import forward_batch, load_examples
-from dpocache.tracking import read_jsonl
+from dpocache.stages.train.examples import forward_batch, load_examples
+from dpocache.stages.train.packing import pack_batch, packing_mismatch, require_packing, sequence_sums
+from dpocache.stages.train.tracking import read_jsonl
 
 SMALL = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)

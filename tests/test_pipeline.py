@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from conftest import conversational_rows, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import conversational_rows, write_jsonl
 from dpocache.cli import main
-from dpocache.tracking import read_jsonl
+from dpocache.stages.train.tracking import read_jsonl
 
 SEED_METRICS = ["training_step", "learning_rate", "epoch", "train_loss", "logps/chosen", "logps/rejected",
                 "rewards/chosen", "rewards/rejected", "rewards/average", "rewards/accuracy", "rewards/margin"]

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import conversational_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import conversational_rows, write_jsonl
-from dpocache.checkpoint import complete_checkpoints
 from dpocache.cli import main
 from dpocache.data import DataConfig, load_preference_data
-from dpocache.tracking import read_jsonl
+from dpocache.stages.train.checkpoint import complete_checkpoints
+from dpocache.stages.train.tracking import read_jsonl
 
 SIMPO_METRICS = ["training_step", "learning_rate", "epoch", "train_loss", "logps/chosen", "logps/rejected"]
 

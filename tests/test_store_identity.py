@@ -6,9 +6,8 @@ import hashlib
 import json
 import shutil
 
+from dpocache.artifacts.identity import library_versions, text_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from dpocache.files import dpocache_home
-from dpocache.artifacts.identity import (library_versions, text_fingerprint, tokenizer_fingerprint,
-                                         weights_fingerprint)
 
 
 def expected_fingerprint(files: dict[str, bytes]) -> str:

@@ -179,7 +179,7 @@ def test_non_finite_reference_values_stop_stage_two_even_unverified(store_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dpocache.stages.examples import load_examples
+    from dpocache.stages.train.examples import load_examples
 
     shard = first_shard(store_dir)
     table = pq.read_table(shard)

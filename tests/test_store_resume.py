@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import conversational_rows, write_jsonl
+
 from dpocache.artifacts import ReferenceStore
 from dpocache.cli import main
 

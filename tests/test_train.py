@@ -7,11 +7,11 @@ import sys
 import time
 
 import pytest
+from conftest import conversational_rows, score_rows
 
-from conftest import score_rows, conversational_rows
-from dpocache.checkpoint import complete_checkpoints
 from dpocache.cli import main
-from dpocache.tracking import read_jsonl
+from dpocache.stages.train.checkpoint import complete_checkpoints
+from dpocache.stages.train.tracking import read_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import conversational_rows, score_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
 
-from conftest import conversational_rows, score_rows, write_jsonl
 from dpocache.cli import main
-from dpocache.tracking import read_jsonl
+from dpocache.stages.train.tracking import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_tracking_writes_offline_runs(tiny_model_dir, store, tmp_path, monkeypat
 def test_heap_trimmer_returns_freed_heap_pages_to_the_system():
     import os
 
-    from dpocache.stages.train_extras import heap_trimmer
+    from dpocache.stages.train.extras import heap_trimmer
 
     def rss() -> int:
         with open("/proc/self/statm") as fh:
@@ -128,7 +128,7 @@ def _dropout_models(tokenizer_dir):
 
 
 def test_disable_dropout_makes_training_mode_deterministic(tokenizer_dir):
-    from dpocache.stages.train_extras import disable_dropout
+    from dpocache.stages.train.extras import disable_dropout
 
     ids = torch.arange(5, 45).view(2, 20)
     for name, model in _dropout_models(tokenizer_dir).items():

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import conversational_rows, make_tiny_llama, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import conversational_rows, make_tiny_llama, write_jsonl
 from dpocache.artifacts import ReferenceStore
 from dpocache.cli import main
 from dpocache.logprobs import full_token_logps, pad_batch

@@ -8,8 +8,8 @@ import uuid
 from pathlib import Path
 
 from dpocache.artifacts.manifest import StoreError, safe_relpath
-from dpocache.files import atomic_write_bytes, file_sha256
 from dpocache.artifacts.shards import HASH_RE
+from dpocache.files import atomic_write_bytes, file_sha256
 
 LIST_DIR = "lists"
 LIST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")

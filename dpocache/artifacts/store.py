@@ -19,13 +19,35 @@ import pyarrow.parquet as pq
 
 from dpocache.artifacts.cleanup import WriterLock, clean_orphans
 from dpocache.artifacts.lists import check_hashes, check_list_name, read_list_file, write_list_file
-from dpocache.artifacts.manifest import (LOCK, MANIFEST, IdentityMismatchError, Manifest, StoreError,
-                                         identity_diff, normalize_identity, read_manifest, store_lock,
-                                         write_manifest)
+from dpocache.artifacts.manifest import (
+    LOCK,
+    MANIFEST,
+    IdentityMismatchError,
+    Manifest,
+    StoreError,
+    identity_diff,
+    normalize_identity,
+    read_manifest,
+    store_lock,
+    write_manifest,
+)
+from dpocache.artifacts.shards import (
+    ALL_COLUMNS,
+    BASE_COLUMNS,
+    BASE_FIELDS,
+    SHARD_DIR,
+    TOKEN_FIELDS,
+    VALUE_COLUMNS,
+    check_shard,
+    copy_file_synced,
+    new_shard_name,
+    publish_shard,
+    read_groups,
+    rows_to_table,
+    validate_row,
+    write_temp_shard,
+)
 from dpocache.files import TMP_PREFIX
-from dpocache.artifacts.shards import (ALL_COLUMNS, BASE_COLUMNS, BASE_FIELDS, SHARD_DIR, TOKEN_FIELDS,
-                                       VALUE_COLUMNS, check_shard, copy_file_synced, new_shard_name, publish_shard,
-                                       read_groups, rows_to_table, validate_row, write_temp_shard)
 
 _STORE_ENTRIES = {MANIFEST, LOCK, SHARD_DIR, "lists", ".writers"}
 _OPEN_FILES = 32  # opened shards kept (LRU)

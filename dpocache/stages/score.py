@@ -20,16 +20,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpocache.console import log
 from dpocache.artifacts import ReferenceStore
-from dpocache.artifacts.identity import library_versions, text_fingerprint, tokenizer_fingerprint, \
-    weights_fingerprint
+from dpocache.artifacts.identity import library_versions, text_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from dpocache.config import ConfigError, check, opt
-from dpocache.files import dpocache_home
+from dpocache.console import log
 from dpocache.data import HASH_VERSION, DataConfig, load_preference_data, prepare_tokenizer
+from dpocache.files import dpocache_home
 from dpocache.logprobs import TokenLogps, pad_batch
-from dpocache.modeling import ModelConfig, ModelLoadError, check_model_config, check_sequence_lengths, \
-    load_causal_lm, load_tokenizer, local_model_dir, resize_for_tokenizer
+from dpocache.modeling import (
+    ModelConfig,
+    ModelLoadError,
+    check_model_config,
+    check_sequence_lengths,
+    load_causal_lm,
+    load_tokenizer,
+    local_model_dir,
+    resize_for_tokenizer,
+)
 
 
 @dataclass

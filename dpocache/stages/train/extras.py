@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from dpocache.console import log
 from dpocache.config import ConfigError
+from dpocache.console import log
 from dpocache.modeling import ModelConfig
-from dpocache.stages.train_config import TrainConfig
+from dpocache.stages.train.config import TrainConfig
 
 
 def start_trackers(acc, model_cfg: ModelConfig, cfg: TrainConfig) -> None:

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dpocache.artifacts.manifest import pid_alive
-from dpocache.files import fsync_dir
 from dpocache.config import ConfigError
+from dpocache.files import fsync_dir
 
 MARKER = "COMPLETE"
 PREFIX = "step_"

@@ -16,29 +16,61 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dpocache.console import log
 from dpocache.artifacts import ReferenceStore
-from dpocache.batching import epoch_order, micro_batches
-from dpocache.checkpoint import (begin_checkpoint, finish_checkpoint, load_checkpoint, load_optimizer_partition,
-                                 resolve_resume, save_rank_state, staging_dir)
 from dpocache.config import check
+from dpocache.console import log
 from dpocache.data import DataConfig
 from dpocache.hub import check_hub_access, push_output
 from dpocache.logprobs import TokenLogps, supports_selected_path
 from dpocache.losses import batch_metrics, preference_loss
-from dpocache.model_card import write_model_card
-from dpocache.modeling import (ModelConfig, check_model_config, check_sequence_lengths, load_causal_lm,
-                               resize_for_tokenizer)
-from dpocache.packing import require_packing
-from dpocache.stages.distributed import (configure_deepspeed, engine_name, full_state_dict, is_deepspeed,
-                                         make_accelerator, zero_stage)
-from dpocache.stages.examples import (Examples, data_fingerprint, evaluate, forward_batch, load_examples,
-                                      load_training_data)
-from dpocache.stages.train_config import TrainConfig
-from dpocache.stages.train_extras import (add_lora, apply_liger_kernel, clip_grad, disable_dropout,
-                                          enable_gradient_checkpointing, heap_trimmer, limit_allocator_retention,
-                                          reduce_metrics, start_trackers)
-from dpocache.tracking import JsonlWriter, MetricAverager, format_line
+from dpocache.modeling import (
+    ModelConfig,
+    check_model_config,
+    check_sequence_lengths,
+    load_causal_lm,
+    resize_for_tokenizer,
+)
+from dpocache.stages.train.batching import epoch_order, micro_batches
+from dpocache.stages.train.checkpoint import (
+    begin_checkpoint,
+    finish_checkpoint,
+    load_checkpoint,
+    load_optimizer_partition,
+    resolve_resume,
+    save_rank_state,
+    staging_dir,
+)
+from dpocache.stages.train.config import TrainConfig
+from dpocache.stages.train.distributed import (
+    configure_deepspeed,
+    engine_name,
+    full_state_dict,
+    is_deepspeed,
+    make_accelerator,
+    zero_stage,
+)
+from dpocache.stages.train.examples import (
+    Examples,
+    data_fingerprint,
+    evaluate,
+    forward_batch,
+    load_examples,
+    load_training_data,
+)
+from dpocache.stages.train.extras import (
+    add_lora,
+    apply_liger_kernel,
+    clip_grad,
+    disable_dropout,
+    enable_gradient_checkpointing,
+    heap_trimmer,
+    limit_allocator_retention,
+    reduce_metrics,
+    start_trackers,
+)
+from dpocache.stages.train.model_card import write_model_card
+from dpocache.stages.train.packing import require_packing
+from dpocache.stages.train.tracking import JsonlWriter, MetricAverager, format_line
 
 __all__ = ["TrainConfig", "TrainState", "setup", "train", "save", "evaluate", "load_examples", "run_train"]
 

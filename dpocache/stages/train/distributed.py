@@ -14,7 +14,7 @@ import os
 import torch
 
 from dpocache.config import ConfigError
-from dpocache.stages.train_config import TrainConfig
+from dpocache.stages.train.config import TrainConfig
 
 
 def deepspeed_requested() -> bool:

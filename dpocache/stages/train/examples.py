@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dpocache.console import log
 from dpocache.artifacts import ReferenceStore, StoreError
 from dpocache.artifacts.identity import text_fingerprint, tokenizer_fingerprint
 from dpocache.config import ConfigError
+from dpocache.console import log
 from dpocache.data import DataConfig, load_preference_data, prepare_tokenizer
 from dpocache.logprobs import pad_batch
 from dpocache.losses import REFERENCE_FREE, SequenceLogps
 from dpocache.modeling import ModelConfig, load_tokenizer
-from dpocache.packing import pack_batch, sequence_sums
+from dpocache.stages.train.packing import pack_batch, sequence_sums
 
 EXAMPLE_COLUMNS = ["hash", "chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask",
                    "ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens"]
@@ -156,7 +156,7 @@ def policy_tokenizer(model_cfg: ModelConfig, store: ReferenceStore):
 def forward_batch(logp_model, ex: Examples, idx, pad_id: int, device, packing: bool = False):
     """Concatenated forward of chosen + rejected; returns policy and reference SequenceLogps, the number of
     non-pad tokens and the MoE aux loss (or None). With ``packing`` the 2B sequences run as one padding-free
-    row (:mod:`dpocache.packing`); the results are the same."""
+    row (:mod:`dpocache.stages.train.packing`); the results are the same."""
     seqs = [ex.chosen_ids[i] for i in idx] + [ex.rejected_ids[i] for i in idx]
     masks = [ex.chosen_mask[i] for i in idx] + [ex.rejected_mask[i] for i in idx]
     if packing:
