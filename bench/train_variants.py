@@ -20,10 +20,6 @@ from pathlib import Path
 VARIANTS = ("dpocache", "trl_precompute", "trl_live", "bare", "forward")
 
 
-def _quiet(*_args, **_kwargs) -> None:
-    pass
-
-
 class StepClock:
     """Wall and process CPU time at the end of each optimizer step, and the tokens of each step."""
 
@@ -109,28 +105,35 @@ def run_forward(plan: dict, work: Path) -> dict:
 
 
 def run_dpocache(plan: dict, work: Path) -> dict:
-    """Stage two exactly as ``dpocache train`` runs it (API: ``setup`` then ``train``), on the scored store.
-
-    A forward pre-hook on the trained module counts the non-pad tokens of each batch; the per-step
-    log callback (``logging_steps=1``) stamps the end of each optimizer step.
-    """
+    """Stage two exactly as ``dpocache train`` runs it (API: ``Recipe.setup`` then ``Recipe.train``), on the scored
+    store. Each optimizer step is stamped when ``train_step`` returns; its tokens are the non-pad tokens the
+    recipe counted (both taken on the host, outside the step)."""
     from dpocache.config import build
     from dpocache.modeling import ModelConfig
-    from dpocache.stages.train import TrainConfig, setup, train
+    from dpocache.stages.train import Recipe, TrainConfig
 
     total = len(plan["steps"])
     values = dict(store=plan["store"], output_dir=str(work / "dpocache-out"), loss_type="dpo", beta=0.1,
                   learning_rate=plan["lr"], warmup_ratio=0.0, per_device_train_batch_size=plan["batch"],
-                  max_train_steps=total, checkpointing_steps=None, logging_steps=1, seed=plan["seed"])
+                  max_train_steps=total, checkpointing_steps=None, logging_steps=1, seed=plan["seed"],
+                  overwrite_output_dir=True)
     (cfg,) = build([TrainConfig], {**values, **plan.get("dpocache_set", {})}, source="--dpocache_set")
     t0 = time.perf_counter()
-    state = setup(ModelConfig(model_name_or_path=plan["model"]), cfg, log=_quiet)
+    recipe = Recipe(ModelConfig(model_name_or_path=plan["model"]), cfg, show_progress=False).setup()
     init = time.perf_counter() - t0
     clock = StepClock()
-    state.logp_model.register_forward_pre_hook(lambda _m, args: clock.tokens.append(int(args[1].sum())))
-    train(state, progress=False, log=clock.tick)
+    step = recipe.train_step
+
+    def timed_step(number, batches):
+        before = recipe.clock.tokens
+        step(number, batches)
+        clock.tick()
+        clock.tokens.append(recipe.clock.tokens - before)
+
+    recipe.train_step = timed_step
+    recipe.train()
     if len(clock.wall) != total:
-        raise RuntimeError(f"expected {total} per-step log lines from dpocache train, got {len(clock.wall)}")
+        raise RuntimeError(f"expected {total} timed steps from dpocache train, got {len(clock.wall)}")
     return clock.result(init)
 
 

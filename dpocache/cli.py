@@ -198,8 +198,9 @@ def _known_errors() -> tuple[type, ...]:
     from dpocache.files import DiskFullError
     from dpocache.hub import HubError
     from dpocache.modeling import ModelLoadError
+    from dpocache.stages.train.guards import NonFiniteError
 
-    return (ConfigError, DataError, StoreError, ModelLoadError, HubError, DiskFullError)
+    return (ConfigError, DataError, StoreError, ModelLoadError, HubError, DiskFullError, NonFiniteError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,8 @@ def parse_bool(value: Any) -> bool:
 def _coerce(name: str, tp: Any, value: Any) -> Any:
     """Convert a YAML/CLI value to the field type, with a message naming the field."""
     inner, optional = _unwrap_optional(tp)
+    if optional and inner is bool and isinstance(value, str) and value.strip().lower() == "auto":
+        return None  # a tri-state flag: auto / true / false
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -134,7 +136,7 @@ def add_fields_to_parser(parser: argparse.ArgumentParser, classes: Iterable[type
         owner = f.metadata.get("group") or title or "options"
         group = groups.get(owner) or parser.add_argument_group(owner)
         groups[owner] = group
-        inner, _ = _unwrap_optional(tp)
+        inner, optional = _unwrap_optional(tp)
         names = [f"--{f.name}"]
         if "_" in f.name:
             names.append(f"--{f.name.replace('_', '-')}")
@@ -142,7 +144,7 @@ def add_fields_to_parser(parser: argparse.ArgumentParser, classes: Iterable[type
         helptext = f"{f.metadata.get('help', '')} (default: {_default_text(f)})"
         kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=helptext)
         if inner is bool:
-            kwargs.update(nargs="?", const="true", metavar="true|false")
+            kwargs.update(nargs="?", const="true", metavar="auto|true|false" if optional else "true|false")
         elif get_origin(inner) in (list, tuple):
             kwargs.update(nargs="+", metavar="VALUE")
         elif get_origin(inner) is Literal:

@@ -56,9 +56,20 @@ def _head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, tr
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``tensor``'s device runs in right now (the autocast dtype when autocast is on)."""
+    kind = tensor.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return tensor.dtype
+
+
 class _LinearHeadLogps(torch.autograd.Function):
     """log p(target) through a plain linear output head, keeping ONE ``[rows, V]`` fp32 tensor for backward
-    (the softmax, overwritten in place by its own gradient) instead of autograd's logits + temporaries."""
+    (the softmax, overwritten in place by its own gradient) instead of autograd's logits + temporaries.
+
+    The matmuls of forward AND backward run in the compute dtype of the forward (bf16 under autocast, with
+    fp32 accumulation inside the GEMM); the log-softmax and its gradient stay fp32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
@@ -68,6 +79,8 @@ class _LinearHeadLogps(torch.autograd.Function):
         probs = logits.sub_(lse[:, None]).exp_()
         ctx.save_for_backward(hidden, weight, probs, targets)
         ctx.has_bias = bias is not None
+        ctx.compute_dtype = _compute_dtype(hidden) if hidden.dtype == weight.dtype else torch.promote_types(
+            _compute_dtype(hidden), weight.dtype)
         return out
 
     @staticmethod
@@ -75,8 +88,10 @@ class _LinearHeadLogps(torch.autograd.Function):
         hidden, weight, probs, targets = ctx.saved_tensors
         g = probs.mul_(-grad[:, None])  # d out / d logits = onehot(target) - softmax
         g[torch.arange(targets.shape[0], device=g.device), targets] += grad
-        grad_h = (g @ weight.float()).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (g.t() @ hidden.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dtype = ctx.compute_dtype
+        gc = g.to(dtype)
+        grad_h = (gc @ weight.to(dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (gc.t() @ hidden.to(dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_h, grad_w, grad_b, None
 
@@ -155,29 +170,70 @@ def full_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     return (out, result.router_logits) if router_logits else out
 
 
-def supports_selected_path(model: nn.Module, *, atol: float = 1e-4) -> bool:
-    """Probe: does the selected-positions path reproduce the model's own logits?"""
-    if model.get_output_embeddings() is None:
-        return False
-    try:
-        decoder = model.get_decoder()
-    except (AttributeError, NotImplementedError):
-        return False
-    if decoder is None or decoder is model:
-        return False
+def probe_tolerance(dtype: torch.dtype) -> float:
+    """Largest per-token log-prob gap (nats) two exact computations may show in ``dtype``: rounding, not a
+    different function. 16-bit matmuls round logits to ~3 significant digits."""
+    return {torch.bfloat16: 0.1, torch.float16: 0.05}.get(dtype, 1e-4)
+
+
+def _probe_ids(model: nn.Module):
     device = next(model.parameters()).device
     weight = model.get_output_embeddings().weight
     vocab = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions keep the full shape in ds_shape
     ids = torch.arange(3, 11, device=device)[None] % vocab
     attn, mask = torch.ones_like(ids), torch.ones_like(ids)
     mask[:, 0] = 0
+    return ids, attn, mask
+
+
+def _has_decoder(model: nn.Module) -> bool:
+    if model.get_output_embeddings() is None:
+        return False
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return False
+    return decoder is not None and decoder is not model
+
+
+def supports_selected_path(model: nn.Module, *, atol: float | None = None) -> bool:
+    """Probe: does the selected-positions path reproduce the model's own logits (called on the bare model)?"""
+    if not _has_decoder(model):
+        return False
+    ids, attn, mask = _probe_ids(model)
+    atol = probe_tolerance(model.get_output_embeddings().weight.dtype) if atol is None else atol
     with torch.no_grad():
         try:
             fast = selected_token_logps(model, ids, attn, mask)
         except (TypeError, AttributeError, RuntimeError):
             return False
         ref = full_token_logps(model, ids, attn, mask)
-    return torch.allclose(fast, ref, atol=atol, rtol=1e-4)
+    return bool((fast - ref).abs().max() <= atol)
+
+
+def selected_path_gap(logp_model: nn.Module, inner: "TokenLogps") -> float | None:
+    """Largest per-token |selected - full| gap of ``logp_model`` (a prepared wrapper of ``inner``: DDP, FSDP,
+    DeepSpeed, or ``inner`` itself) on a short probe input, run through the wrapper so that sharded
+    parameters are gathered and the training autocast applies; None when the selected path cannot run."""
+    if not _has_decoder(inner.model):
+        return None
+    ids, attn, mask = _probe_ids(inner.model)
+    was_selected, was_training = inner.selected, logp_model.training
+    logp_model.eval()
+    try:
+        with torch.no_grad():
+            inner.selected = False
+            ref = logp_model(ids, attn, mask)
+            inner.selected = True
+            try:
+                fast = logp_model(ids, attn, mask)
+            except (TypeError, AttributeError, RuntimeError):
+                return None
+    finally:
+        inner.selected = was_selected
+        logp_model.train(was_training)
+    ref, fast = (x[0] if isinstance(x, tuple) else x for x in (ref, fast))
+    return float((fast.float() - ref.float()).abs().max())
 
 
 class TokenLogps(nn.Module):
@@ -186,6 +242,10 @@ class TokenLogps(nn.Module):
     Distributed wrappers (DDP, DeepSpeed, FSDP) wrap this module, so the log-prob computation runs
     inside the wrapper's forward and gradient synchronisation works as usual.
     """
+
+    @property
+    def _no_split_modules(self):  # FSDP wraps the inner model's decoder layers
+        return getattr(self.model, "_no_split_modules", None)
 
     def __init__(self, model: nn.Module, *, selected: bool | None = None, chunk: int = DEFAULT_CHUNK,
                  keep_mb: float = DEFAULT_KEEP_MB, load_balancing: bool = False):

@@ -13,18 +13,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpocache.config import ConfigError, check, opt, to_dict
+from dpocache.config import ConfigError, opt, to_dict
 from dpocache.console import log
 from dpocache.data import DataConfig
-from dpocache.files import atomic_write_json
 from dpocache.hub import check_hub_access, push_output
 from dpocache.losses import REFERENCE_FREE
 from dpocache.modeling import ModelConfig
 from dpocache.plotting import plot_metrics
+from dpocache.devices import release_memory
 from dpocache.stages.score import ScoreConfig, run_score
-from dpocache.stages.train import TrainConfig, evaluate, load_examples, run_train
-from dpocache.stages.train.distributed import zero_stage
-from dpocache.stages.train.examples import examples_from_data
+from dpocache.stages.train import TrainConfig, run_train
+from dpocache.stages.train.outputs import write_summary
 
 
 @dataclass
@@ -33,10 +32,6 @@ class RunConfig:
         None, "Held-out preference data (same formats as --dataset): scored in stage one, then used to "
         "measure the trained policy's reward accuracy and margin against the reference (reference-free "
         "losses: the policy's own preference accuracy and log-prob margin).", group="run")
-    eval_batch_size: int = opt(8, "Pairs per forward pass in the held-out evaluation.", group="run")
-
-    def __post_init__(self):
-        check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
 
 
 def apply_embedded_defaults(model_cfg: ModelConfig, data_cfg: DataConfig, run_cfg: RunConfig):
@@ -117,41 +112,23 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
     held_data = heldout_data(data_cfg, run_cfg)
     if train_cfg.loss_type in REFERENCE_FREE:
         first = skip_stage_one(train_cfg, score_cfg)
-        train_cfg = dataclasses.replace(train_cfg, store=None, store_dataset=None)
+        train_cfg = dataclasses.replace(train_cfg, store=None, store_dataset=None, heldout_store_dataset=None)
     else:
         first = stage_one(model_cfg, data_cfg, score_cfg, held_data, vllm_options, progress=progress)
-        train_cfg = dataclasses.replace(train_cfg, store=first.store, store_dataset=first.list_name)
-    t_train = time.perf_counter()
-    state = run_train(model_cfg, train_cfg, data_cfg=data_cfg if first.store is None else None, push=False,
-                      progress=progress)
-    train_seconds = time.perf_counter() - t_train
-
+        train_cfg = dataclasses.replace(train_cfg, store=first.store, store_dataset=first.list_name,
+                                        heldout_store_dataset=first.heldout_list)
+    release_memory()  # the reference's accelerator memory goes back before the policy loads
+    recipe = run_train(model_cfg, train_cfg, data_cfg=data_cfg if first.store is None else None,
+                       heldout_data=held_data if first.store is None else None, push=False, show_progress=progress,
+                       summarize=False)
     summary = {
-        "output_dir": str(Path(train_cfg.output_dir).resolve()),
-        "store": first.store,
-        "store_dataset": state.list_name,
         "stage_one_skipped": first.skip_reason is not None,
         "stage_one_skip_reason": first.skip_reason,
-        "examples": first.examples if first.store is not None else len(set(state.examples.hashes)),
         "examples_scored": first.scored,
         "examples_reused": first.reused,
         "score_seconds": round(first.seconds, 2),
-        "train_seconds": round(train_seconds, 2),
-        "train_steps": state.total_steps,
-        "final_metrics": state.history[-1] if state.history else {},
-        "heldout_examples": None,
-        "heldout_reward_accuracy": None,
-        "heldout_reward_margin": None,
-        "heldout_policy_preference_accuracy": None,
-        "heldout_policy_logp_margin": None,
     }
-    is_main = state.accelerator.is_main_process
-    # ZeRO-3 keeps parameters partitioned: every rank takes part in the held-out forwards (rank 0 records)
-    every_rank = zero_stage(state.accelerator) == 3
-    if held_data is not None and (is_main or every_rank):
-        held_metrics = heldout_metrics(state, first, held_data, train_cfg, run_cfg, progress=progress)
-        if is_main:
-            summary.update(held_metrics)
+    is_main = recipe.accelerator.is_main_process
     if is_main:
         try:
             summary["plots"] = [str(p) for p in plot_metrics(train_cfg.output_dir)]
@@ -160,29 +137,11 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     summary["config"] = to_dict(model_cfg, data_cfg, score_cfg, train_cfg, run_cfg)
     if is_main:
-        atomic_write_json(Path(train_cfg.output_dir) / "summary.json", summary)
+        summary = write_summary(recipe, summary)
         log(format_summary(summary))
         if train_cfg.push_to_hub:  # last: everything is saved locally before the network is needed
             push_output(train_cfg)
     return summary
-
-
-def heldout_metrics(state, first: StageOne, held_data: DataConfig, train_cfg: TrainConfig, run_cfg: RunConfig,
-                    *, progress=True) -> dict:
-    """Measure the trained policy on the held-out pairs (rank 0 alone: no DDP collectives; every rank under
-    ZeRO-3, whose forwards gather parameters).
-
-    Against the stored reference: reward accuracy and margin. Reference-free (no store): the policy's
-    own preference accuracy (chosen has the higher average log-prob) and average log-prob margin.
-    """
-    if first.store is None:
-        _, held = examples_from_data(held_data, state.tokenizer, progress=progress)
-    else:
-        held = load_examples(state.store, state.store.get_list(first.heldout_list), allow_missing=False)
-    policy = state.accelerator.unwrap_model(state.logp_model)
-    metrics = evaluate(policy, held, state.tokenizer.pad_token_id, loss_type=train_cfg.loss_type,
-                       beta=train_cfg.beta, batch_size=run_cfg.eval_batch_size, device=state.accelerator.device)
-    return {"heldout_examples": len(held), **{f"heldout_{k}": v for k, v in metrics.items()}}
 
 
 def format_summary(s: dict) -> str:

@@ -114,3 +114,21 @@ def score_rows(root: Path, model_dir: Path, rows, *extra: str) -> Path:
     assert main(["score", "--model_name_or_path", str(model_dir), "--dataset", str(data),
                  "--store", str(root / "store"), *extra]) == 0
     return root / "store"
+
+
+def run_on_small_disk(directory: Path, size: str, cmd: list[str], timeout: int = 600):
+    """Run ``cmd`` with a real tmpfs of ``size`` mounted at ``directory``, in a private mount namespace (as root:
+    ``unshare --mount``; otherwise in a user namespace), then list what the command left there (printed after
+    ``LEFT:`` on stdout: the tmpfs disappears with the namespace)."""
+    import shlex
+    import subprocess
+
+    directory.mkdir(parents=True, exist_ok=True)
+    script = (f"mount -t tmpfs -o size={size} none {shlex.quote(str(directory))} || exit 97; "
+              f"{shlex.join(cmd)}; rc=$?; echo LEFT:; find {shlex.quote(str(directory))} | sort; exit $rc")
+    prefix = ["unshare", "--mount", "--propagation", "private"] if os.geteuid() == 0 else \
+        ["unshare", "--user", "--map-root-user", "--mount"]
+    done = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, timeout=timeout)
+    if done.returncode == 97:
+        raise RuntimeError(f"cannot mount a tmpfs for the full-disk test: {done.stderr}")
+    return done

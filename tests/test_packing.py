@@ -9,6 +9,8 @@ from transformers import (
     AutoModelForCausalLM,
     FalconConfig,
     FalconForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     Olmo2Config,
@@ -21,8 +23,11 @@ from dpocache.artifacts import ReferenceStore
 from dpocache.cli import main
 from dpocache.config import ConfigError
 from dpocache.logprobs import TokenLogps, pad_batch
-from dpocache.stages.train.examples import forward_batch, load_examples
-from dpocache.stages.train.packing import pack_batch, packing_mismatch, require_packing, sequence_sums
+from dpocache.stages.train.forward import policy_logps
+from dpocache.stages.train.loader import Collator
+from dpocache.stages.train.packing import pack_batch, packing_probe, require_packing, sequence_sums
+from dpocache.stages.train.source import StoreSource
+from dpocache.stages.train.store_index import list_index
 from dpocache.stages.train.tracking import read_jsonl
 
 SMALL = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -128,10 +133,30 @@ def test_probe_rejects_attention_that_crosses_boundaries(tmp_path, tokenizer_dir
     model = AutoModelForCausalLM.from_pretrained(falcon_dir(tmp_path / "falcon", tokenizer_dir),
                                                  dtype=torch.float32).train()
     logp_model = TokenLogps(model)
-    assert packing_mismatch(logp_model) > 1e-3
+    gap, leak = packing_probe(logp_model)
+    assert gap > 1e-3 and leak > 1e-3
     assert model.training  # the probe gives the training mode back
-    with pytest.raises(ConfigError, match=r"model type 'falcon' with attn_implementation '(sdpa|eager)'"):
+    with pytest.raises(ConfigError, match=r"model type 'falcon' with attn_implementation '(sdpa|eager)'") as err:
         require_packing(logp_model)
+    impl = model.config._attn_implementation
+    assert "change when the sequences packed before it change" in str(err.value)
+    suggested = str(err.value).split("try another --attn_implementation")[1]
+    assert impl not in suggested  # never recommends the setting it refused
+
+
+def test_probe_accepts_bf16_autocast_compute():
+    """Under bf16 autocast packed and padded log-probs differ by bf16 rounding, not by leaking: the probe judges
+    with the tolerance of the compute dtype (an fp32 tolerance refused such models), and the leak check is exact."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL, attn_implementation="sdpa")).eval()
+    logp_model = TokenLogps(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gap, leak = packing_probe(logp_model)
+        assert leak == 0.0
+        assert gap > 1e-4  # bf16 rounding: an fp32 tolerance would refuse this model
+        assert require_packing(logp_model, compute_dtype=torch.bfloat16) == gap
+        with pytest.raises(ConfigError, match="tolerance 0.0001 for float32 compute"):
+            require_packing(logp_model, compute_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -140,20 +165,19 @@ def scored_store(tmp_path_factory, tiny_model_dir):
                       "--store_dataset", "d")
 
 
-def test_forward_batch_packed_equals_padded(tiny_model_dir, scored_store):
+def test_packed_batch_equals_padded_batch(tiny_model_dir, scored_store):
     store = ReferenceStore.open(scored_store)
-    examples = load_examples(store, store.get_list("d"), allow_missing=False)
+    source = StoreSource(store.root, list_index(store, "d"))
     logp_model = TokenLogps(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval())
-    idx = [0, 3, 7, 11]
+    pairs = source.read([0, 3, 7, 11])
     with torch.no_grad():
-        pad = forward_batch(logp_model, examples, idx, 0, "cpu")
-        pk = forward_batch(logp_model, examples, idx, 0, "cpu", packing=True)
-    for a, b in zip((pad[0].chosen_sum, pad[0].rejected_sum), (pk[0].chosen_sum, pk[0].rejected_sum)):
+        pad = policy_logps(logp_model, Collator(0)(pairs)).logps
+        pk = policy_logps(logp_model, Collator(0, packing=True)(pairs)).logps
+    for a, b in zip((pad.chosen_sum, pad.rejected_sum), (pk.chosen_sum, pk.rejected_sum)):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
-    assert pk[0].chosen_count.tolist() == pad[0].chosen_count.tolist()
-    assert pk[0].rejected_count.tolist() == pad[0].rejected_count.tolist()
-    assert pk[2] == pad[2] == sum(len(examples.chosen_ids[i]) + len(examples.rejected_ids[i]) for i in idx)
-    assert torch.equal(pk[1].chosen_sum, pad[1].chosen_sum)
+    assert pk.chosen_count.tolist() == pad.chosen_count.tolist()
+    assert pk.rejected_count.tolist() == pad.rejected_count.tolist()
+    assert Collator(0, packing=True)(pairs).packed.input_ids.shape == (1, pairs.num_tokens)
 
 
 def train_args(model, store, out, *extra):

@@ -179,7 +179,7 @@ def test_non_finite_reference_values_stop_stage_two_even_unverified(store_dir):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dpocache.stages.train.examples import load_examples
+    from dpocache.stages.train.store_index import build_index
 
     shard = first_shard(store_dir)
     table = pq.read_table(shard)
@@ -190,7 +190,7 @@ def test_non_finite_reference_values_stop_stage_two_even_unverified(store_dir):
     edit_manifest(store_dir, lambda m: m["shards"][0].update(bytes=shard.stat().st_size))
     first = table.column("hash")[0].as_py()
     store = ReferenceStore.open(store_dir, verify=False)
-    with pytest.raises(StoreError, match=f"1 row\\(s\\) hold reference values that are not finite .*first: {first}"):
-        load_examples(store, HASHES, allow_missing=False)
+    with pytest.raises(StoreError, match=f"1 row\\(s\\) hold reference values training cannot use .*example {first}"):
+        build_index(store, HASHES, allow_missing=False, verify=False)
     with pytest.raises(StoreError, match="checksum mismatch"):
-        load_examples(ReferenceStore.open(store_dir), HASHES, allow_missing=False)
+        build_index(ReferenceStore.open(store_dir), HASHES, allow_missing=False, verify=True)

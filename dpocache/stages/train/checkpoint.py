@@ -1,14 +1,16 @@
-"""Training checkpoints: atomic, complete-or-absent, pruned, and safe to load.
+"""Training checkpoints: atomic, complete-or-absent, checksummed, pruned, and safe to load.
 
-A checkpoint is a directory ``OUTPUT_DIR/checkpoints/step_00000042`` holding
-``model.safetensors`` (the full policy weights, gathered from every rank under ZeRO-3),
-``optimizer.pt`` (tensors and plain values only, loaded with ``torch.load(weights_only=True)``) or, under
-DeepSpeed ZeRO, one ``optimizer_rankNNNNN.safetensors`` per rank (that rank's fp32 partition and its
-AdamW moments), ``rng_rankNNNNN.pt`` per rank (torch RNG states, loaded with ``weights_only=True``),
-``trainer_state.json`` (step, scheduler state, and the settings a resume must match) and ``COMPLETE``,
-written last by rank 0 once every rank has written its part. It is assembled in a temporary directory
-and renamed into place, so a crash leaves either a complete checkpoint or an ignored temporary
-directory. With several nodes, ``output_dir`` must be on a file system every node sees.
+A checkpoint is a directory ``OUTPUT_DIR/checkpoints/step_00000042`` holding ``model.safetensors`` (the full
+policy weights, gathered from every rank under ZeRO-3 / FSDP2), ``optimizer.pt`` (tensors and plain values
+only, loaded with ``torch.load(weights_only=True)``) or, under a sharded engine (DeepSpeed ZeRO, FSDP2), one
+``optimizer_rankNNNNN.safetensors`` per rank (that rank's partition and its AdamW moments),
+``rng_rankNNNNN.pt`` per rank, ``trainer_state.json`` (step, scheduler and objective state, the settings a
+resume must match) and ``COMPLETE``, written last by rank 0 once every rank has written its part: a JSON
+record of the size and sha256 of every other file. It is assembled in a temporary directory and renamed into
+place, so a crash leaves either a complete checkpoint or an ignored temporary directory; a failed write (a
+full disk) removes the temporary directory. :func:`verify_checkpoint` re-checks every file against the
+marker; ``--resume_from_checkpoint auto`` takes the newest checkpoint that verifies and names the ones it
+skipped. With several nodes, ``output_dir`` must be on a file system every node sees.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from dpocache.artifacts.manifest import pid_alive
 from dpocache.config import ConfigError
-from dpocache.files import fsync_dir
+from dpocache.console import warn
+from dpocache.files import atomic_write_json, file_sha256, fsync_dir, fsync_file
+from dpocache.stages.train.optim_state import optimizer_partition
 
 MARKER = "COMPLETE"
 PREFIX = "step_"
@@ -34,7 +38,7 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (incomplete or temporary directories are ignored)."""
+    """Checkpoints with a completion marker, oldest first (temporary directories are ignored)."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
@@ -42,16 +46,51 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (a file missing, truncated or altered, a torn state file), or None."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        files = marker["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path / MARKER}: unreadable completion marker (no file checksums)"
+    for name, record in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing"
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            return f"{file}: truncated or altered ({size} bytes, the checkpoint recorded {record['bytes']})"
+        if file_sha256(file) != record["sha256"]:
+            return f"{file}: checksum mismatch (altered after the checkpoint was written)"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"{path / 'trainer_state.json'}: unreadable ({exc})"
+    return None
+
+
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """``auto``: the newest complete checkpoint in ``output_dir`` (None if there is none)."""
+    """``auto``: the newest checkpoint in ``output_dir`` that verifies (None if there is none), naming the ones
+    skipped; an explicit path that does not verify is an error naming the file."""
     if resume is None:
         return None
     if resume == "auto":
-        done = complete_checkpoints(output_dir)
-        return done[-1] if done else None
+        for path in reversed(complete_checkpoints(output_dir)):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            warn(f"resume: skipping checkpoint {path.name}: {problem}")
+        return None
     path = Path(resume)
     if not (path / MARKER).is_file():
         raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {MARKER} marker)")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ConfigError(f"resume_from_checkpoint: cannot resume from {path}: {problem}")
     return path
 
 
@@ -68,31 +107,41 @@ def begin_checkpoint(output_dir: str | Path, step: int, owner_pid: int) -> Path:
     return tmp
 
 
-def save_rank_state(tmp: Path, rank: int, *, sharded_optimizer=None) -> None:
-    """Per-rank parts: this rank's RNG states and, under DeepSpeed ZeRO, its optimizer partition."""
+def save_rank_state(tmp: Path, rank: int, *, sharded_optimizer=None) -> dict[str, dict]:
+    """Per-rank parts: this rank's RNG states and, under a sharded engine, its optimizer partition. Returns the
+    size and checksum of each file written (for the completion marker)."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()])
-    torch.save(rng, tmp / f"rng_rank{rank:05d}.pt")
+    names = [f"rng_rank{rank:05d}.pt"]
+    torch.save(rng, tmp / names[0])
     if sharded_optimizer is not None:
-        save_file(optimizer_partition(sharded_optimizer), str(tmp / f"optimizer_rank{rank:05d}.safetensors"))
+        names.append(f"optimizer_rank{rank:05d}.safetensors")
+        save_file(optimizer_partition(sharded_optimizer), str(tmp / names[-1]))
+    for name in names:
+        fsync_file(tmp / name)
+    return {name: file_record(tmp / name) for name in names}
 
 
 def finish_checkpoint(output_dir: str | Path, tmp: Path, step: int, *, model_state: dict, optimizer, scheduler,
-                      settings: dict, extra: dict | None = None, keep_last: int | None = None) -> Path:
-    """Rank 0: write the weights, the (unsharded) optimizer, the trainer state and the marker; rename."""
+                      settings: dict, records: dict, extra: dict | None = None, keep_last: int | None = None) -> Path:
+    """Rank 0: write the weights, the (unsharded) optimizer, the trainer state and the marker (with the size and
+    sha256 of every file, ``records`` holding the other ranks' files); rename into place."""
     root = checkpoint_root(output_dir)
     final = root / f"{PREFIX}{step:08d}"
     tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     save_file(_dedupe_shared(tensors), str(tmp / "model.safetensors"))
+    written = ["model.safetensors"]
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        written.append("optimizer.pt")
     state = {"step": step, "scheduler": scheduler.state_dict(), "settings": settings, **(extra or {})}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=_jsonable))
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    (tmp / MARKER).write_text("ok\n")
+    written.append("trainer_state.json")
+    for name in written:
+        fsync_file(tmp / name)
+    files = dict(records, **{name: file_record(tmp / name) for name in written})
+    atomic_write_json(tmp / MARKER, {"step": step, "files": dict(sorted(files.items()))})
     fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -107,63 +156,10 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model_state: dict, opt
                     settings: dict, extra: dict | None = None, keep_last: int | None = None) -> Path:
     """A single-process checkpoint (every part written by this process)."""
     tmp = begin_checkpoint(output_dir, step, os.getpid())
-    save_rank_state(tmp, 0)
+    records = save_rank_state(tmp, 0)
     return finish_checkpoint(output_dir, tmp, step, model_state=model_state, optimizer=optimizer,
-                             scheduler=scheduler, settings=settings, extra=extra, keep_last=keep_last)
-
-
-def _stepped_tensors(optimizer) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
-    """The torch optimizer that really steps (under accelerate's and DeepSpeed's wrappers) and the tensors it
-    steps: the parameters, or under ZeRO this rank's flat fp32 partitions (ZeRO-3 attaches them to the
-    optimizer only while it steps, so they are read from the ZeRO optimizer itself)."""
-    from accelerate.optimizer import AcceleratedOptimizer
-
-    opt, parent = optimizer, None
-    while isinstance(opt, AcceleratedOptimizer) or (not isinstance(opt, torch.optim.Optimizer)
-                                                   and hasattr(opt, "optimizer")):
-        parent, opt = opt, opt.optimizer
-    flat = getattr(parent, "fp32_partitioned_groups_flat", None)
-    tensors = list(flat) if flat is not None else [p for g in opt.param_groups for p in g["params"]]
-    return opt, tensors
-
-
-def optimizer_partition(optimizer) -> dict[str, torch.Tensor]:
-    """This rank's optimizer partition as plain tensors: the values of the tensors the optimizer steps (under
-    ZeRO: flat fp32 partitions of the parameters) and every state tensor (step, moments) of each."""
-    base, tensors = _stepped_tensors(optimizer)
-    out = {}
-    for i, tensor in enumerate(tensors):
-        out[f"param.{i}"] = tensor.detach().contiguous().cpu().clone()
-        for key, value in base.state.get(tensor, {}).items():
-            value = value if torch.is_tensor(value) else torch.tensor(value)
-            out[f"state.{i}.{key}"] = value.detach().contiguous().cpu().clone()
-    return out
-
-
-def load_optimizer_partition(path: Path, optimizer, scheduler) -> None:
-    """Restore :func:`optimizer_partition` into a freshly prepared (same world size, same ZeRO stage) optimizer;
-    the learning rates come from the restored ``scheduler``."""
-    if not path.is_file():
-        raise ConfigError(f"cannot resume from {path.parent}: {path.name} is missing (was the checkpoint written "
-                          "by a run with another engine or number of processes?)")
-    saved = load_file(str(path))
-    base, tensors = _stepped_tensors(optimizer)
-    for group, lr in zip(base.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
-    if sum(1 for k in saved if k.startswith("param.")) != len(tensors):
-        raise ConfigError(f"cannot resume from {path.parent}: {path.name} holds another number of optimizer "
-                          f"partitions than this run ({len(tensors)})")
-    for i, tensor in enumerate(tensors):
-        value = saved[f"param.{i}"]
-        if value.shape != tensor.shape:
-            raise ConfigError(f"cannot resume from {path.parent}: optimizer partition {i} has shape "
-                              f"{tuple(value.shape)}, this run {tuple(tensor.shape)}")
-        with torch.no_grad():
-            tensor.copy_(value.to(tensor.dtype))
-        prefix = f"state.{i}."
-        state = {k[len(prefix):]: v.to(tensor.device) for k, v in saved.items() if k.startswith(prefix)}
-        if state:
-            base.state[tensor] = state
+                             scheduler=scheduler, settings=settings, records=records, extra=extra,
+                             keep_last=keep_last)
 
 
 def _jsonable(value):
@@ -197,9 +193,10 @@ def prune(output_dir: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, settings: dict, rank: int = 0) -> dict:
-    """Restore weights, optimizer (``None``: a ZeRO partition, restored after ``prepare``), scheduler and this
-    rank's RNG; refuse on any differing setting."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, settings: dict, rank: int = 0,
+                    objective=None) -> dict:
+    """Restore weights, optimizer (``None``: a sharded partition, restored after ``prepare``), scheduler, the
+    objective's state (e.g. a running reward mean) and this rank's RNG; refuse on any differing setting."""
     state = json.loads((path / "trainer_state.json").read_text())
     saved = state.get("settings", {})
     diffs = [f"{k}: checkpoint {saved.get(k)!r} != now {v!r}" for k, v in settings.items() if saved.get(k) != v]
@@ -214,6 +211,8 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, settings: dict, 
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(state["scheduler"])
+    if objective is not None:
+        objective.load_state_dict(state.get("objective", {}))
     load_rng(path, rank)
     return state
 

@@ -21,6 +21,18 @@ class TrainConfig:
                               "failing.", group="store")
     output_dir: str = opt("output", "Where the trained model, metrics.jsonl and summaries go.",
                           group="training")
+    overwrite_output_dir: bool = opt(False, "Train into an output_dir that already holds results (its old model, "
+                                     "metrics, plots and checkpoints are removed first). Without it a non-empty "
+                                     "output_dir is refused, unless the run resumes from it.", group="training")
+    device: str | None = opt(None, "Device to train on (cpu, cuda, cuda:N). Default: cuda:LOCAL_RANK under a "
+                             "launcher, cuda:0 alone, the CPU without CUDA.", group="training")
+    heldout_store_dataset: str | None = opt(None, "Held-out example list of the store: after training, the policy's "
+                                            "reward accuracy and margin on it are measured, logged and written to "
+                                            "summary.json and the model card (`run` sets it to the held-out list it "
+                                            "scores).", group="store")
+    heldout_overlap: Literal["warn", "error"] = opt("warn", "Held-out pairs that are also training pairs: warn (count "
+                                                    "them) or refuse to train.", group="store")
+    eval_batch_size: int = opt(8, "Pairs per forward pass in the held-out evaluation.", group="training")
     loss_type: Literal["dpo", "dpo_norm", "simpo", "wpo", "ipo", "hinge", "robust"] = opt(
         "dpo_norm", "Preference loss (see docs/losses.md).", group="loss")
     beta: float = opt(5.0, "Temperature of the preference loss.", group="loss")
@@ -68,10 +80,17 @@ class TrainConfig:
         "them (the last layers keep theirs), 1 none.", group="efficiency")
     bf16: bool = opt(False, "bfloat16 autocast for the forward/backward (weights and AdamW stay fp32; "
                      "log-softmax stays fp32). Under DeepSpeed: its bf16 mode.", group="efficiency")
-    fused_logps: bool = opt(True, "Chunked log-probs: apply the output head only at positions that predict a "
-                            "trainable token, in checkpointed chunks, never building the [B, T, V] logits "
-                            "(falls back to the full forward for models whose logits are not lm_head(hidden)).",
-                            group="efficiency")
+    fused_logps: bool | None = opt(None, "Chunked log-probs: apply the output head only at positions that predict "
+                                   "a trainable token, in checkpointed chunks, never building the [B, T, V] logits "
+                                   "(models whose logits are not lm_head(hidden) fall back to the full forward). "
+                                   "auto (default): chunked on CPU; on CUDA the faster of the two, measured on the "
+                                   "first batch.", group="efficiency")
+    pad_to_multiple_of: int | None = opt(None, "Pad each micro-batch's sequences to a multiple of this length, so "
+                                         "kernels and attention plans are reused across steps (default: 64 on CUDA, "
+                                         "1 on CPU).", group="efficiency")
+    prefetch_batches: int = opt(4, "Micro-batches read from the store and collated ahead of the step, in a "
+                                "background thread.", group="efficiency")
+    torch_compile: bool = opt(False, "Compile the model's decoder layers with torch.compile.", group="efficiency")
     logps_chunk_size: int = opt(1024, "Rows of hidden states per output-head chunk of --fused_logps.",
                                 group="efficiency")
     logps_keep_mb: float = opt(1024.0, "Memory (MiB) of output-head logits --fused_logps keeps for backward; "
@@ -85,9 +104,9 @@ class TrainConfig:
                                     "activations do not land on top of the previous step's freed ones: about "
                                     "7 percent lower peak RSS for about 6 percent of speed (BENCHMARKS.md).",
                                     group="efficiency")
-    use_liger_kernel: bool = opt(False, "Patch the model with Liger's Triton kernels (RMSNorm, RoPE, SwiGLU); "
-                                 "needs a CUDA GPU and liger-kernel. Without a GPU: a message and the plain "
-                                 "kernels.", group="efficiency")
+    use_liger_kernel: bool | None = opt(None, "Patch the model with Liger's Triton kernels (RMSNorm, RoPE, SwiGLU). "
+                                        "auto (default): on CUDA when liger-kernel is installed; true: required "
+                                        "(without a GPU: a message and the plain kernels).", group="efficiency")
     logging_steps: int = opt(1, "Log metrics every this many optimizer steps.", group="training")
     with_tracking: bool = opt(False, "Also send metrics to the trackers of --report_to.", group="tracking")
     report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="Trackers: tensorboard and/or wandb "
@@ -95,6 +114,11 @@ class TrainConfig:
     wandb_project: str = opt("dpocache", "Tracker project name.", group="tracking")
     wandb_entity: str | None = opt(None, "wandb entity (team or user).", group="tracking")
     run_name: str | None = opt(None, "Tracker run name (default: the output directory's name).", group="tracking")
+    skip_nonfinite_steps: int = opt(0, "Optimizer steps whose loss or gradient norm is NaN/inf that may be skipped "
+                                    "(counted as nonfinite_steps_skipped) before training stops; 0: stop at the "
+                                    "first one.", group="optimisation")
+    checkpoint_on_preemption: bool = opt(True, "On SIGTERM/SIGUSR1 (cluster preemption), write a checkpoint at the "
+                                         "next step boundary before exiting with code 75.", group="checkpoints")
     checkpointing_steps: int | None = opt(500, "Save a resumable checkpoint every this many optimizer steps "
                                           "(None: never).", group="checkpoints")
     checkpoint_at_epoch_end: bool = opt(False, "Also save a checkpoint at the end of each epoch.",
@@ -131,6 +155,10 @@ class TrainConfig:
         check(self.logps_chunk_size >= 1, "logps_chunk_size must be >= 1")
         check(self.logps_keep_mb >= 0, "logps_keep_mb must be >= 0")
         check(self.keep_last_n_checkpoints >= 1, "keep_last_n_checkpoints must be >= 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
+        check(self.pad_to_multiple_of is None or self.pad_to_multiple_of >= 1, "pad_to_multiple_of must be >= 1")
+        check(self.prefetch_batches >= 1, "prefetch_batches must be >= 1")
+        check(self.skip_nonfinite_steps >= 0, "skip_nonfinite_steps must be >= 0")
         check(bool(str(self.output_dir).strip()), "output_dir: empty path")
         out = Path(self.output_dir).expanduser()
         check(not out.exists() or out.is_dir(), f"output_dir: {out} exists and is not a directory")

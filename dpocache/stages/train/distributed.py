@@ -1,10 +1,10 @@
-"""Stage two under accelerate: one process, DDP, or DeepSpeed ZeRO (1/2/3), chosen by the launcher.
+"""Stage two under accelerate: one process, DDP, DeepSpeed ZeRO (1/2/3) or FSDP2, chosen by the launcher.
 
-``accelerate launch`` decides the engine (``--multi_gpu``, ``--use_deepspeed`` or a config file from
-``scripts/configs/``); this module builds the matching :class:`accelerate.Accelerator`, fills the
-DeepSpeed values that depend on the run (micro-batch size, accumulation, clipping: stage two prepares no
-dataloader, so accelerate cannot resolve ``"auto"`` itself), and gathers full weights for saving
-(ZeRO-3 keeps each parameter partitioned across ranks).
+``accelerate launch`` decides the engine (``--multi_gpu``, ``--use_deepspeed``, ``--use_fsdp --fsdp_version 2``
+or a config file from ``scripts/configs/``); this module builds the matching :class:`accelerate.Accelerator`,
+fills the DeepSpeed values that depend on the run (micro-batch size, accumulation, clipping: stage two
+prepares no dataloader, so accelerate cannot resolve ``"auto"`` itself), and gathers full weights for saving
+(ZeRO-3 and FSDP keep each parameter partitioned across ranks).
 """
 
 from __future__ import annotations
@@ -22,14 +22,19 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def make_accelerator(cfg: TrainConfig):
-    """The run's Accelerator. On a machine without CUDA, plain and DDP runs use the CPU (gloo); DeepSpeed
-    picks its own CPU accelerator (passing ``cpu=True`` would silently turn DeepSpeed off)."""
+def fsdp_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def make_accelerator(cfg: TrainConfig, *, cpu: bool | None = None):
+    """The run's Accelerator. ``cpu`` (default: no CUDA on this machine): plain, DDP and FSDP runs use the CPU
+    (gloo); DeepSpeed picks its own CPU accelerator (passing ``cpu=True`` would silently turn DeepSpeed off)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     # a fresh configuration for each run in this process (the distributed process group itself is kept)
     AcceleratorState._reset_state()
+    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     deepspeed = deepspeed_requested()
     if deepspeed:
         try:
@@ -37,7 +42,7 @@ def make_accelerator(cfg: TrainConfig):
         except ImportError:
             raise ConfigError("the launcher asked for DeepSpeed but it is not installed: pip install deepspeed "
                               "(on CPU-only machines: DS_BUILD_OPS=0 pip install deepspeed)") from None
-        if not torch.cuda.is_available():
+        if cpu:
             # accelerate only sets up DeepSpeed's process group for accelerator devices; on a CPU-only machine
             # the gloo group is created first (as for a multi-CPU run) and DeepSpeed reuses it.
             from accelerate import PartialState
@@ -46,10 +51,44 @@ def make_accelerator(cfg: TrainConfig):
     kwargs = {}
     if cfg.bf16:
         kwargs["mixed_precision"] = "bf16"
-    acc = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed,  # cpu=True would turn DeepSpeed off
+    if fsdp_requested():
+        kwargs["fsdp_plugin"] = fsdp_plugin()
+        if cpu:
+            from accelerate import PartialState
+
+            PartialState(cpu=True)  # the gloo group, as for DeepSpeed on CPU
+    acc = Accelerator(cpu=cpu and not deepspeed and not fsdp_requested(),  # cpu=True would turn them off
                       gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       log_with=cfg.report_to if cfg.with_tracking else None, project_dir=cfg.output_dir, **kwargs)
     return acc
+
+
+def fsdp_plugin():
+    """FSDP2 from the launcher's settings (``FSDP_*`` variables set by ``accelerate launch``); where it sets none:
+    each decoder layer (the model's ``_no_split_modules``) and the root sharded, full weights loaded on every
+    rank, full state dicts for saving (dpocache gathers them itself)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    version = int(os.environ.get("FSDP_VERSION", "2"))
+    if version != 2:
+        raise ConfigError(f"FSDP version {version}: dpocache supports FSDP2 (PyTorch's fully_shard); launch with "
+                          "--fsdp_version 2 (scripts/configs/accelerate_fsdp2.yaml)")
+    defaults = {"FSDP_AUTO_WRAP_POLICY": ("auto_wrap_policy", "transformer_based_wrap"),
+                "FSDP_STATE_DICT_TYPE": ("state_dict_type", "FULL_STATE_DICT"),
+                "FSDP_CPU_RAM_EFFICIENT_LOADING": ("cpu_ram_efficient_loading", False)}
+    kwargs = {field: value for env, (field, value) in defaults.items() if env not in os.environ}
+    return FullyShardedDataParallelPlugin(fsdp_version=2, **kwargs)
+
+
+def is_fsdp(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def sharded_optimizer(acc) -> bool:
+    """Does each rank hold only its part of the optimizer state (ZeRO, FSDP)?"""
+    return is_deepspeed(acc) or is_fsdp(acc)
 
 
 def is_deepspeed(acc) -> bool:
@@ -67,6 +106,8 @@ def engine_name(acc) -> str:
     """``single``, ``ddp`` or ``deepspeed-zeroN``: part of the settings a resumed run must share."""
     if is_deepspeed(acc):
         return f"deepspeed-zero{zero_stage(acc)}"
+    if is_fsdp(acc):
+        return "fsdp2"
     return "ddp" if acc.num_processes > 1 else "single"
 
 
@@ -117,7 +158,12 @@ def full_state_dict(acc, logp_model) -> dict[str, torch.Tensor]:
     Keys are the inner model's own (the ``TokenLogps`` wrapper's ``model.`` prefix is removed).
     """
     model = acc.unwrap_model(logp_model)
-    if zero_stage(acc) == 3:
+    if is_fsdp(acc):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = state if acc.is_main_process else {}
+    elif zero_stage(acc) == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):

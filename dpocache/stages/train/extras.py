@@ -92,24 +92,53 @@ def enable_gradient_checkpointing(model, budget: float = 0.0) -> int:
     return len(layers) - keep
 
 
-def apply_liger_kernel(model) -> bool:
-    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, ...) patched into ``model`` when a CUDA GPU is present.
+def apply_liger_kernel(model, mode: bool | None, device) -> bool:
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, ...) patched into ``model`` on a CUDA device.
 
-    Only the model kernels are used: Liger's fused linear cross-entropy and its chunked preference losses
-    need labels or a live reference model, while stage two computes log-probs at trainable positions
-    itself (``--fused_logps``) against the STORED reference values.
+    ``mode`` None (auto): when the device is CUDA and liger-kernel is installed; True: required (a clear error
+    without the package; a message and the plain kernels without a GPU); False: never. Only the model kernels are
+    used: Liger's fused linear cross-entropy and its chunked preference losses need labels or a live reference
+    model, while stage two computes log-probs at trainable positions itself against the STORED reference values.
     """
-    if not torch.cuda.is_available():
-        log("--use_liger_kernel: Liger's kernels are Triton kernels and need a CUDA GPU; none is present, so the "
-            "model's own (PyTorch) kernels are used. Training is otherwise unchanged.")
+    if mode is False:
+        return False
+    on_cuda = torch.device(device).type == "cuda"
+    if not on_cuda:
+        if mode:
+            log("--use_liger_kernel: Liger's kernels are Triton kernels and need a CUDA GPU; none is used here, so "
+                "the model's own (PyTorch) kernels are used. Training is otherwise unchanged.")
         return False
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
-        raise ConfigError("--use_liger_kernel needs liger-kernel: pip install liger-kernel") from None
+        if mode:
+            raise ConfigError("--use_liger_kernel needs liger-kernel: pip install 'dpocache[liger]'") from None
+        return False
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
-    log(f"--use_liger_kernel: Liger kernels applied to {type(model).__name__}")
+    log(f"stage two: Liger kernels applied to {type(model).__name__}" + (" (auto)" if mode is None else ""))
     return True
+
+
+def packing_attention() -> str:
+    """The attention for padding-free batches on CUDA: flash_attention_2 when installed (varlen kernels take the
+    boundaries from the position ids), else PyTorch's flex_attention (block-sparse document masks, no package)."""
+    import importlib.util
+
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "flex_attention"
+
+
+def compile_layers(model) -> int:
+    """``torch.compile`` each decoder layer (the unit FSDP and activation checkpointing also use); returns how
+    many were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ConfigError(f"--torch_compile: no decoder layers found in {type(model).__name__}")
+    for layer in layers:
+        layer.compile()
+    log(f"stage two: torch.compile on {len(layers)} decoder layers (the first steps include compilation)")
+    return len(layers)
 
 
 def limit_allocator_retention(threshold_mb: float = 4.0) -> bool:

@@ -13,8 +13,10 @@ from dpocache.files import atomic_write_text
 
 
 def write_model_card(out_dir: str | Path, *, base_model: str, train_cfg, store_root: str | Path | None,
-                     store_identity: dict | None, list_name: str, examples: int, final_metrics: dict) -> Path:
-    """Write ``README.md``: training config, reference store identity (when there is one) and final metrics."""
+                     store_identity: dict | None, list_name: str, examples: int, final_metrics: dict,
+                     heldout_metrics: dict | None = None) -> Path:
+    """Write ``README.md``: training config, reference store identity (when there is one), final metrics and the
+    held-out evaluation (when there was one)."""
     out = Path(out_dir)
     config = {k: v for k, v in dataclasses.asdict(train_cfg).items()}
     front = {"library_name": "transformers", "tags": ["dpo", "dpocache"]}
@@ -34,9 +36,16 @@ def write_model_card(out_dir: str | Path, *, base_model: str, train_cfg, store_r
         f"preference loss on {examples} pairs ({source}).", "",
         "## Final metrics", "", "| metric | value |", "| --- | --- |",
         *[f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in final_metrics.items()],
-        "", *provenance,
+        "", *_heldout_section(heldout_metrics or {}), *provenance,
         "## Training configuration", "", "```yaml", yaml.safe_dump(config, sort_keys=False).strip(), "```", "",
     ]
     path = out / "README.md"
     atomic_write_text(path, "\n".join(text))
     return path
+
+
+def _heldout_section(metrics: dict) -> list[str]:
+    if not metrics:
+        return []
+    rows = [f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in metrics.items()]
+    return ["## Held-out evaluation", "", "| metric | value |", "| --- | --- |", *rows, ""]
