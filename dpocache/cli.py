@@ -191,11 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dpocache {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices  # name -> sub-command parser, filled by add_parser
     for name, desc in DESCRIPTIONS.items():
         usage = f"dpocache {name} [--config YAML]{' [--dry_run]' if name != 'data' else ' [--json]'} " \
                 f"[--OPTION VALUE ...]   (`dpocache {name} --help` lists every option)"
         p = sub.add_parser(name, help=desc, description=desc, usage=usage)
-        parser.commands[name] = p
         p.add_argument("--config", metavar="YAML", help="YAML file of options (flags given here win); keys "
                        "that only other commands use are named in a note and ignored")
         if name in ("score", "train", "run"):
@@ -207,7 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_fields_to_parser(p, _classes(name), aliases=ALIASES)
     p = sub.add_parser("inspect", help="Describe (and verify) a reference store.",
                        description="Identity, shards, rows, bytes, named lists and statistics of a store.")
-    parser.commands["inspect"] = p
     p.add_argument("store", help="store directory")
     p.add_argument("--verify", action="store_true", help="check every checksum and Parquet footer")
     p.add_argument("--json", action="store_true", dest="json_output", help="print one JSON object")
@@ -215,13 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer_name_or_path", "--tokenizer-name-or-path",
                    help="tokenizer for --dataset (the reference model's)")
     p = sub.add_parser("store", help="Store maintenance (merge).")
-    parser.commands["store"] = p
     store_sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
     m = store_sub.add_parser("merge", help="Merge sub-stores scored in parallel into one store.")
     m.add_argument("dst", help="destination store (created when missing)")
     m.add_argument("sources", nargs="+", help="stores to merge (identities must match)")
     p = sub.add_parser("plot", help="Write PNG charts of a run's metrics.jsonl.")
-    parser.commands["plot"] = p
     p.add_argument("output_dir", help="a training output directory holding metrics.jsonl")
     return parser
 

@@ -100,7 +100,9 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if origin is Literal:
             choices = get_args(inner)
             if value not in choices:
-                raise ValueError(f"expected one of {', '.join(map(str, choices))}; got {value!r}")
+                close = suggest(str(value), map(str, choices))
+                raise ValueError(f"expected one of {', '.join(map(str, choices))}; got {value!r}"
+                                 + (f" (did you mean {close}?)" if close else ""))
             return value
         if origin in (list, tuple):
             (item_tp,) = get_args(inner)[:1] or (str,)

@@ -11,7 +11,7 @@ import yaml
 from conftest import conversational_rows, write_jsonl
 
 import dpocache
-from dpocache.cli import _classes, main
+from dpocache.cli import ALIASES, UNSUPPORTED, _classes, _owners, main
 from dpocache.config import _unwrap_optional, iter_fields
 from dpocache.stages.train.tracking import read_jsonl
 
@@ -131,6 +131,13 @@ def test_aliases_in_yaml(flag, values, option, expected, tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({flag: value}))
     code, resolved, _ = dry_run("run", "--config", str(cfg), capsys=capsys)
     assert code == 0 and resolved[option] == expected
+
+
+def test_the_alias_tables_match_the_options():
+    owners = _owners()
+    assert all(alias.target in owners for alias in ALIASES.values())  # every alias sets a real option
+    assert not set(ALIASES) & set(owners) and not set(UNSUPPORTED) & set(owners)  # and shadows none
+    assert not set(ALIASES) & set(UNSUPPORTED)
 
 
 def test_open_instruct_dataset_mixer_mapping(tmp_path, capsys):
