@@ -16,16 +16,26 @@ Use :func:`opt` to declare a field with its help text::
 
 A command collects several dataclasses; a field name shared by two of them (``seed``,
 ``max_seq_length``) is one flag that sets both.
+
+Other trainers' spellings of an option are :class:`Alias` entries (a table the command line owns):
+each becomes a flag and a YAML key that sets its target field; an alias given together with its
+target (or two aliases of one field) in the same source is an error. One YAML file serves several
+commands: :func:`command_values` keeps the keys the command uses, returns the keys only other
+commands use (for a note), and refuses keys no command knows, with a "did you mean" suggestion.
+Float options must be finite (``inf``/``nan`` in any spelling are refused, naming the option).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Union, get_args, get_origin
+from typing import Any, Callable, Iterable, Literal, Mapping, Union, get_args, get_origin
 
 import yaml
 
@@ -85,11 +95,16 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
                 raise ValueError(f"expected an integer, got {value}")
             if inner is int and isinstance(value, bool):
                 raise ValueError("expected an integer, got a boolean")
-            return inner(value)
+            out = inner(value)
+            if inner is float and not math.isfinite(out):
+                raise ValueError(f"expected a finite number, got {value!r}")
+            return out
         if origin is Literal:
             choices = get_args(inner)
             if value not in choices:
-                raise ValueError(f"expected one of {', '.join(map(str, choices))}; got {value!r}")
+                close = suggest(str(value), map(str, choices))
+                raise ValueError(f"expected one of {', '.join(map(str, choices))}; got {value!r}"
+                                 + (f" (did you mean {close}?)" if close else ""))
             return value
         if origin in (list, tuple):
             (item_tp,) = get_args(inner)[:1] or (str,)
@@ -129,29 +144,53 @@ def _default_text(f: dataclasses.Field) -> str:
     return "required"
 
 
-def add_fields_to_parser(parser: argparse.ArgumentParser, classes: Iterable[type], title: str | None = None):
-    """Add one flag per dataclass field (underscore name plus dashed alias)."""
+ALIAS_DEST = "alias:"  # argparse dest prefix of alias flags (resolved by :func:`resolve_aliases`)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another trainer's name for a field: ``target`` is the field, ``origin`` the trainer (for help and
+    docs); ``convert`` maps the other trainer's value conventions (``-1`` for "no limit") to ours."""
+
+    target: str
+    origin: str
+    convert: Callable[[Any], Any] | None = None
+
+
+def _arg_kwargs(tp: Any) -> dict[str, Any]:
+    inner, optional = _unwrap_optional(tp)
+    if inner is bool:  # bool | None: a tri-state flag (auto, true, false)
+        return dict(nargs="?", const="true", metavar="auto|true|false" if optional else "true|false")
+    if get_origin(inner) in (list, tuple):
+        return dict(nargs="+", metavar="VALUE")
+    if get_origin(inner) is Literal:
+        return dict(metavar="|".join(map(str, get_args(inner))))
+    return dict(metavar=getattr(inner, "__name__", "VALUE").upper())
+
+
+def flag_names(name: str) -> list[str]:
+    """``--name`` plus its dashed spelling ``--na-me``."""
+    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+
+
+def add_fields_to_parser(parser: argparse.ArgumentParser, classes: Iterable[type], title: str | None = None,
+                         aliases: Mapping[str, Alias] | None = None):
+    """Add one flag per dataclass field (underscore name plus dashed alias), and hidden flags for the
+    ``aliases`` whose target is one of the fields (named in the target's help)."""
     groups: dict[str, argparse._ArgumentGroup] = {}
+    aliases = aliases or {}
     for f, tp in iter_fields(classes):
         owner = f.metadata.get("group") or title or "options"
         group = groups.get(owner) or parser.add_argument_group(owner)
         groups[owner] = group
-        inner, optional = _unwrap_optional(tp)
-        names = [f"--{f.name}"]
-        if "_" in f.name:
-            names.append(f"--{f.name.replace('_', '-')}")
-        names += [f"--{a}" for a in f.metadata.get("aliases", ())]
-        helptext = f"{f.metadata.get('help', '')} (default: {_default_text(f)})"
-        kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=helptext)
-        if inner is bool:
-            kwargs.update(nargs="?", const="true", metavar="auto|true|false" if optional else "true|false")
-        elif get_origin(inner) in (list, tuple):
-            kwargs.update(nargs="+", metavar="VALUE")
-        elif get_origin(inner) is Literal:
-            kwargs.update(metavar="|".join(map(str, get_args(inner))))
-        else:
-            kwargs.update(metavar=getattr(inner, "__name__", "VALUE").upper())
-        group.add_argument(*names, **kwargs)
+        names = flag_names(f.name) + [f"--{a}" for a in f.metadata.get("aliases", ())]
+        others = [a for a, alias in aliases.items() if alias.target == f.name]
+        also = "; also " + ", ".join(f"--{a} ({aliases[a].origin})" for a in others) if others else ""
+        helptext = f"{f.metadata.get('help', '')} (default: {_default_text(f)}{also})"
+        group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=helptext, **_arg_kwargs(tp))
+        for a in others:
+            group.add_argument(*flag_names(a), dest=ALIAS_DEST + a, default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS, **_arg_kwargs(tp))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -193,15 +232,67 @@ def build(classes: Iterable[type], values: dict[str, Any], *, strict: bool = Tru
     return out
 
 
-def merged_values(namespace: argparse.Namespace, classes: Iterable[type]) -> dict[str, Any]:
-    """YAML from ``--config`` (if any) overlaid with the flags given on the command line."""
-    cli = {k: v for k, v in vars(namespace).items() if k not in ("command", "config", "func")}
+def suggest(name: str, candidates: Iterable[str]) -> str | None:
+    """The closest of ``candidates`` to a misspelt ``name`` (difflib), or None."""
+    match = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def resolve_aliases(values: Mapping[str, Any], aliases: Mapping[str, Alias], source: str,
+                    prefix: str = "", given: dict[str, str] | None = None) -> dict[str, Any]:
+    """``values`` with alias keys (YAML keys or ``ALIAS_DEST`` argparse dests) replaced by their targets.
+
+    Two names of one option in the same source (an alias and its target, or two aliases) are an error;
+    ``prefix`` (``--`` on the command line) is how the message spells the names; ``given`` (when passed)
+    receives each target's name as written.
+    """
+    out: dict[str, Any] = {}
+    given = {} if given is None else given
+    for key, value in values.items():
+        name = key[len(ALIAS_DEST):] if key.startswith(ALIAS_DEST) else key
+        alias = aliases.get(name)
+        target = alias.target if alias else name
+        if target in given:
+            raise ConfigError(f"{source}: {prefix}{given[target]} and {prefix}{name} are the same option "
+                              f"({prefix}{target}); give it once")
+        given[target] = name
+        out[target] = alias.convert(value) if alias and alias.convert else value
+    return out
+
+
+def command_values(namespace: argparse.Namespace, classes: Iterable[type], *, aliases: Mapping[str, Alias],
+                   owners: Mapping[str, list[str]], unsupported: Mapping[str, str]
+                   ) -> tuple[dict[str, Any], list[str]]:
+    """The values of one command: ``--config`` YAML (if any) overlaid with the command-line flags.
+
+    ``owners`` maps every option of every command to the commands that use it. YAML keys of other
+    commands only are returned as the second element, as written (the caller notes them); keys that no command
+    knows are an error naming each one (with a suggestion, or why an ``unsupported`` option has no
+    meaning here).
+    """
+    here = {f.name for f, _ in iter_fields(classes)}
+    cli = {k: v for k, v in vars(namespace).items() if k in here or k.startswith(ALIAS_DEST)}
     values: dict[str, Any] = {}
-    if getattr(namespace, "config", None):
-        values.update(load_yaml(namespace.config))
-    known = {f.name for f, _ in iter_fields(classes)}
-    values.update({k: v for k, v in cli.items() if k in known})
-    return values
+    ignored: list[str] = []
+    path = getattr(namespace, "config", None)
+    if path:
+        written: dict[str, str] = {}
+        yaml_values = resolve_aliases(load_yaml(path), aliases, str(path), given=written)
+        errors = []
+        for key, value in yaml_values.items():
+            if key in here:
+                values[key] = value
+            elif key in owners:
+                ignored.append(written[key])
+            elif key in unsupported:
+                errors.append(f"{key}: {unsupported[key]}")
+            else:
+                close = suggest(key, [*owners, *aliases])
+                errors.append(f"unknown option {key}" + (f" (did you mean {close}?)" if close else ""))
+        if errors:
+            raise ConfigError(f"{path}: " + "; ".join(errors))
+    values.update(resolve_aliases(cli, aliases, "command line", prefix="--"))
+    return values, ignored
 
 
 def to_dict(*configs: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from conftest import conversational_rows, write_jsonl
 
 from dpocache.config import ConfigError
 from dpocache.data import DataConfig, DataError, example_hash, load_preference_data, prepare_tokenizer
+from dpocache.data.mixer import cap_counts
 
 
 @pytest.fixture(autouse=True)
@@ -42,11 +43,6 @@ def test_mixer_fractions_counts_upsampling_and_determinism(tokenizer, tmp_path):
     assert len(up.hashes) == 25 and len(up.dataset) == 10  # repeats train, unique examples are scored once
     assert dict(zip(*counts)) == {2: 5, 3: 5}
     assert len(prepared(tokenizer, mixer_list=[str(b), "13"]).hashes) == 13  # a count above the size upsamples
-    capped = prepared(tokenizer, mixer_list=[str(a), "1.0", str(b), "1.0"], max_train_samples=12)
-    assert len(capped.hashes) == 12 and capped.hashes[:10] == prepared(tokenizer, dataset=str(a)).hashes
-    assert capped.name == prepared(tokenizer, mixer_list=[str(a), "1.0", str(b), "1.0"],
-                                   max_train_samples=12).name
-    assert capped.name.startswith("a+1-") and "/" not in capped.name
 
 
 def test_dataset_is_shorthand_and_splits_pick_files(tokenizer, tmp_path):
@@ -59,6 +55,43 @@ def test_dataset_is_shorthand_and_splits_pick_files(tokenizer, tmp_path):
     assert [s["kept"] for s in both.stats["sources"]] == [4, 3]
     assert prepared(tokenizer, dataset=str(folder)).hashes == \
         prepared(tokenizer, mixer_list=[str(folder), "1.0"]).hashes
+
+
+def test_max_train_samples_caps_each_source_in_proportion(tokenizer, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", conversational_rows(30, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", conversational_rows(20, seed=2))
+    mixture = [str(a), "1.0", str(b), "10"]
+    whole = prepared(tokenizer, mixer_list=mixture)
+    capped = prepared(tokenizer, mixer_list=mixture, max_train_samples=12)
+    # 30 + 10 selected, capped at 12: 12 * 30/40 = 9 from a and 12 * 10/40 = 3 from b (not the first 12 of a)
+    sources = capped.stats["sources"]
+    assert [(s["selected"], s["train_examples"]) for s in sources] == [(30, 9), (10, 3)]
+    a_hashes, b_hashes = whole.hashes[:30], whole.hashes[30:]
+    assert len(capped.hashes) == capped.stats["totals"]["examples"] == 12
+    assert capped.hashes[:9] == [h for h in a_hashes if h in set(capped.hashes[:9])]  # a's, in selection order
+    assert set(capped.hashes[9:]) <= set(b_hashes) and len(set(capped.hashes[9:])) == 3
+    assert len(capped.dataset) == 12  # only what trains is scored
+    again = prepared(tokenizer, mixer_list=mixture, max_train_samples=12)
+    assert again.hashes == capped.hashes and again.name == capped.name  # deterministic
+    assert prepared(tokenizer, mixer_list=mixture, max_train_samples=12, seed=3).hashes[:9] != capped.hashes[:9]
+    assert capped.name.startswith("a+1-") and "/" not in capped.name and capped.name != whole.name
+    assert [s["train_examples"] for s in whole.stats["sources"]] == [30, 10]  # no cap: what is selected
+    assert prepared(tokenizer, mixer_list=mixture, max_train_samples=40).hashes == whole.hashes
+
+
+@pytest.mark.parametrize("selected,cap,expected", [
+    ([1000, 50], 120, [114, 6]),  # 114.29 + 5.71: the larger remainder (b's) gets the last one
+    ([10, 8], 12, [7, 5]),        # 6.67 + 5.33
+    ([1, 1, 1], 2, [1, 1, 0]),    # equal remainders: the earlier sources first
+    ([0, 10], 5, [0, 5]),
+    ([3, 4], 7, [3, 4]),          # a cap at or above the total changes nothing
+    ([3, 4], None, [3, 4]),
+])
+def test_cap_counts_are_proportional_and_sum_to_the_cap(selected, cap, expected):
+    counts = cap_counts(selected, cap)
+    assert counts == expected
+    assert sum(counts) == min(cap or sum(selected), sum(selected))
+    assert all(0 <= c <= s for c, s in zip(counts, selected))
 
 
 @pytest.mark.parametrize("amount,message", [("1e3", "neither a fraction"), ("-1", "neither a fraction"),

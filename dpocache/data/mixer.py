@@ -1,4 +1,10 @@
-"""Mixture semantics (open-instruct's): amounts, per-source selection and the default list name."""
+"""Mixture semantics (open-instruct's): amounts, per-source selection, the ``max_train_samples`` cap and
+the default list name.
+
+The cap is shared among the sources in proportion to what each one selects (largest remainders, ties
+to the earlier source), so the counts sum to the cap exactly and a small source is not cut out by a
+large one before it; each source keeps a seeded sample of its selection, in selection order.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +56,28 @@ def select_indices(n: int, amount: str, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64)
 
 
+CAP_STREAM = 1  # the cap's random draws use default_rng([seed, source_index, CAP_STREAM])
+
+
+def cap_counts(selected: list[int], cap: int | None) -> list[int]:
+    """Per-source counts after the cap: proportional to ``selected``, summing to ``min(cap, total)``."""
+    total = sum(selected)
+    if cap is None or total <= cap:
+        return list(selected)
+    counts = [cap * n // total for n in selected]
+    by_remainder = sorted(range(len(selected)), key=lambda i: (-(cap * selected[i] % total), i))
+    for i in by_remainder[: cap - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def cap_selection(pick: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` of a source's selected indices ``pick``: a seeded sample, kept in selection order."""
+    if count >= len(pick):
+        return pick
+    return pick[np.sort(rng.choice(len(pick), size=count, replace=False))]
+
+
 def mixture_name(mixture: list[str], splits: list[str], max_train_samples: int | None, seed: int) -> str:
     """Deterministic, filesystem-safe name of a mixture: first source's stem, source count, spec digest."""
     sources = mixture[0::2]
@@ -58,5 +86,8 @@ def mixture_name(mixture: list[str], splits: list[str], max_train_samples: int |
     stem = re.sub(r"[^A-Za-z0-9._=-]+", "_", stem).strip("_.")[:60] or "dataset"
     if len(sources) > 1:
         stem += f"+{len(sources) - 1}"
-    spec = json.dumps([mixture, splits, max_train_samples, seed])
+    spec = [mixture, splits, max_train_samples, seed]
+    if max_train_samples is not None:
+        spec.append("proportional-cap")  # the cap's meaning changed from "the first N": a new list name
+    spec = json.dumps(spec)
     return f"{stem}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"

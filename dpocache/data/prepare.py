@@ -2,7 +2,9 @@
 
 Per source: read and validate rows (bad rows stop or are skipped and counted), tokenize them with a
 cached, batched ``datasets.map``, drop pairs left without trainable tokens, collapse duplicates to
-their first occurrence, then select the source's amount. Sources are concatenated in mixture order.
+their first occurrence, then select the source's amount. ``max_train_samples`` is shared among the
+sources in proportion to their selections (``mixer.cap_counts``). Sources are concatenated in mixture
+order. Per source, ``stats`` holds ``selected`` (the amount) and ``train_examples`` (after the cap).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dpocache.data.config import DataConfig
 from dpocache.data.errors import DataError
 from dpocache.data.formats import FORMATS, detect_format, normalize
 from dpocache.data.mixer import mixture_name as _mixture_name
-from dpocache.data.mixer import select_indices
+from dpocache.data.mixer import CAP_STREAM, cap_counts, cap_selection, select_indices
 from dpocache.data.sources import read_source
 from dpocache.data.templates import template_label
 from dpocache.data.tokenize import HASH_VERSION, example_hash, tokenize_side
@@ -285,12 +287,13 @@ def _process_source(i: int, source: str, amount: str, split: str, cfg: DataConfi
         del st["dropped"][TRUNCATION_DROP]
     pick = select_indices(len(keep), amount, np.random.default_rng([cfg.seed, i]))
     st.update(kept=len(keep), duplicates=dup, truncated=truncated, selected=int(len(pick)))
-    _report_drops(st)
     return (ds.select(keep) if keep else None), pick, st
 
 
-def prepare_examples(cfg: DataConfig, tokenizer, *, progress: bool = True):
-    """(unique examples with every internal column, ordered training list of hashes, stats)."""
+def prepare_examples(cfg: DataConfig, tokenizer, *, progress: bool = True, report_drops: bool = True):
+    """(unique examples with every internal column, ordered training list of hashes, stats).
+
+    Skipped and dropped rows are reported per source on stderr unless ``report_drops`` is False."""
     import datasets
 
     if not cfg.mixture():
@@ -298,16 +301,20 @@ def prepare_examples(cfg: DataConfig, tokenizer, *, progress: bool = True):
     if cfg.dataset_format not in ("auto",) + FORMATS:
         raise DataError("--dataset_format", None, f"unknown format {cfg.dataset_format!r}", reason="config")
     seen: set[str] = set()
+    processed = [_process_source(i, source, amount, split, cfg, tokenizer, seen, progress)
+                 for i, (source, amount, split) in enumerate(cfg.sources())]
+    counts = cap_counts([len(pick) for _, pick, _ in processed], cfg.max_train_samples)
     parts, order, per_source = [], [], []
-    for i, (source, amount, split) in enumerate(cfg.sources()):
-        ds, pick, st = _process_source(i, source, amount, split, cfg, tokenizer, seen, progress)
+    for i, ((ds, pick, st), count) in enumerate(zip(processed, counts)):
+        pick = cap_selection(pick, count, np.random.default_rng([cfg.seed, i, CAP_STREAM]))
+        st["train_examples"] = int(len(pick))
+        if report_drops:
+            _report_drops(st)
         per_source.append(st)
         if ds is not None:
             parts.append(ds)
             hashes = ds["hash"][:]
             order += [hashes[j] for j in pick]
-    if cfg.max_train_samples is not None:
-        order = order[: cfg.max_train_samples]
     if not order:
         raise DataError(", ".join(s for s, _, _ in cfg.sources()), None, "no usable examples left after "
                         "validation, truncation and sampling", reason="empty")

@@ -31,7 +31,14 @@ def _validate_only(cfg: DataConfig) -> dict:
     return {"list_name": mixture_name(cfg), "sources": sources,
             "totals": {"rows_read": sum(s["rows_read"] for s in sources), "kept": sum(s["kept"] for s in sources),
                        "dropped": sum(sum(s["dropped"].values()) for s in sources)},
-            "note": "pass --tokenizer_name_or_path for token statistics, truncation and duplicate detection"}
+            "note": "pass --tokenizer_name_or_path for token statistics, truncation, duplicate detection and the "
+                    "examples each source gives training"}
+
+
+def _every_example(cfg: DataConfig) -> DataConfig:
+    """``cfg`` reading each usable example of every source once, untruncated and uncapped."""
+    every = [x for source in cfg.mixture()[0::2] for x in (source, "1.0")]
+    return dataclasses.replace(cfg, dataset=None, mixer_list=every, max_seq_length=None, max_train_samples=None)
 
 
 def _would_lose_all(mask, limit: int) -> bool:
@@ -39,20 +46,28 @@ def _would_lose_all(mask, limit: int) -> bool:
 
 
 def summarize(cfg: DataConfig) -> dict:
-    """Per source: format, rows read / kept / dropped by reason / duplicates; with a tokenizer also
-    token-length statistics (prompt, responses, whole sequences) and what ``max_seq_length`` would do."""
+    """Per source: format, rows read / kept / dropped by reason / duplicates; with a tokenizer also the
+    examples selected and those training gets (``train_examples``: after truncation drops, duplicate
+    removal and the ``max_train_samples`` cap, exactly as training sees them), token-length statistics of
+    every usable example of the sources, untruncated (prompt, responses, whole sequences), and what
+    ``max_seq_length`` does to them."""
     if not cfg.tokenizer_name_or_path:
         return _validate_only(cfg)
     from dpocache.data.templates import prepare_tokenizer
     from dpocache.modeling import load_tokenizer
 
     tok, _ = prepare_tokenizer(load_tokenizer(cfg.tokenizer_name_or_path), cfg)
-    full = dataclasses.replace(cfg, max_seq_length=None)
-    dataset, order, stats = prepare_examples(full, tok, progress=False)
+    # The counts are exactly what training gets (truncation can drop pairs and make duplicates); the
+    # token statistics cover every usable example of the sources, untruncated. Tokenizations are cached.
+    dataset, _, stats = prepare_examples(cfg, tok, progress=False)
+    every = _every_example(cfg)
+    if (every.mixture(), every.max_seq_length, every.max_train_samples) != \
+            (cfg.mixture(), cfg.max_seq_length, cfg.max_train_samples):
+        dataset, _, _ = prepare_examples(every, tok, progress=False, report_drops=False)
     prompt = np.asarray(dataset["prompt_tokens"])
     chosen, rejected = np.asarray(dataset["chosen_tokens"]), np.asarray(dataset["rejected_tokens"])
     longest = np.maximum(chosen, rejected)
-    summary = {"list_name": mixture_name(cfg), **stats, "tokens": {
+    summary = {"list_name": mixture_name(cfg), "max_train_samples": cfg.max_train_samples, **stats, "tokens": {
         "prompt": _stats(prompt), "chosen_response": _stats(chosen - prompt),
         "rejected_response": _stats(rejected - prompt), "longest_side": _stats(longest)}}
     if cfg.max_seq_length:
@@ -70,6 +85,9 @@ def _source_line(st: dict) -> str:
             f"read {st['rows_read']}, kept {st['kept']}, dropped {sum(dropped.values())} ({detail})")
     if "duplicates" in st:
         line += f", duplicates {st['duplicates']}, selected {st['selected']}"
+    if "train_examples" in st:
+        capped = st["train_examples"] != st["selected"]
+        line += f", trains on {st['train_examples']}" + (" (after the max_train_samples cap)" if capped else "")
     return line
 
 
