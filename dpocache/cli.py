@@ -21,6 +21,7 @@ import sys
 from dpocache import __version__
 from dpocache.config import Alias, ConfigError, add_fields_to_parser, build, command_values, suggest, to_dict
 from dpocache.console import log
+from dpocache.console import quiet_libraries
 from dpocache.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
         return 2
     handler = globals()[f"_cmd_{args.command}"]
+    quiet_libraries()
     try:
         return handler(args)
     except _known_errors() as exc:

@@ -138,19 +138,35 @@ def _forward_kwargs(position_ids: torch.Tensor | None, router_logits: bool) -> d
     return extra
 
 
+def trained_positions(mask: torch.Tensor) -> torch.Tensor:
+    """``[2, N]`` long: (row, column) of every position ``t`` whose NEXT token is trained (``mask[:, 1:]``).
+
+    Computed on the host from a CPU mask (numpy, no device work); the collator passes it along with the batch
+    so that the forward never asks the device how many positions there are (a host-device sync)."""
+    import numpy as np
+
+    rows, cols = np.nonzero(mask[:, 1:].numpy())
+    return torch.from_numpy(np.stack([rows, cols]).astype(np.int64))
+
+
 def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          mask: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, router_logits: bool = False,
-                         position_ids: torch.Tensor | None = None, keep_mb: float = DEFAULT_KEEP_MB):
+                         position_ids: torch.Tensor | None = None, keep_mb: float = DEFAULT_KEEP_MB,
+                         positions: torch.Tensor | None = None):
     """``[B, T]`` fp32: log p(ids[b, t] | ids[b, :t]) where ``mask[b, t]``, else 0 (fast path).
 
     With ``router_logits`` (MoE models) returns ``(logps, router_logits)``. ``attention_mask=None`` with
-    ``position_ids`` restarting at 0 is a packed row (see :mod:`dpocache.stages.train.packing`).
+    ``position_ids`` restarting at 0 is a packed row (see :mod:`dpocache.stages.train.packing`). ``positions``:
+    the :func:`trained_positions` of ``mask`` when the caller has them (else found on the device).
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                   **_forward_kwargs(position_ids, router_logits))
     hidden = out[0]
-    rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
+    if positions is not None:
+        rows, cols = positions[0], positions[1]
+    else:
+        rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
     values = _chunked_head_logps(head, hidden[rows, cols], input_ids[rows, cols + 1], chunk, keep_mb,
                                  logit_transform(getattr(model, "config", None)))
     logps = _scatter(values, rows, cols + 1, input_ids.shape)
@@ -257,15 +273,16 @@ class TokenLogps(nn.Module):
         self.load_balancing = load_balancing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None):
+                position_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None):
         """Per-token log-probs; with ``load_balancing`` (MoE) a tuple ``(logps, router aux loss)``.
 
-        A packed row (:mod:`dpocache.stages.train.packing`) passes ``attention_mask=None`` and its ``position_ids``.
+        A packed row (:mod:`dpocache.stages.train.packing`) passes ``attention_mask=None`` and its
+        ``position_ids``; ``positions`` are the host-computed :func:`trained_positions` of ``mask`` (optional).
         """
         if self.selected:
             out = selected_token_logps(self.model, input_ids, attention_mask, mask, chunk=self.chunk,
                                        router_logits=self.load_balancing, position_ids=position_ids,
-                                       keep_mb=self.keep_mb)
+                                       keep_mb=self.keep_mb, positions=positions)
         else:
             out = full_token_logps(self.model, input_ids, attention_mask, mask, router_logits=self.load_balancing,
                                    position_ids=position_ids)

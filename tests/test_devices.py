@@ -73,3 +73,20 @@ def test_trainer_takes_its_device_from_one_place(tiny_model_dir, tmp_path_factor
     assert batch.input_ids.device == batch.reference.device == device
     recipe.train()
     assert recipe.history[0]["training_step"] == 1
+
+
+def test_trained_positions_come_from_the_host(tiny_model_dir):
+    """The collator computes which positions are trained on the host, so the forward never asks the device
+    (torch.nonzero on CUDA waits for the GPU); the result is the same as finding them on the device."""
+    from transformers import AutoModelForCausalLM
+
+    from dpocache.logprobs import selected_token_logps, trained_positions
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    batch = Collator(0, pad_to_multiple_of=4)(pairs())
+    assert batch.positions.tolist() == [[0, 0, 1], [0, 1, 0]]  # (row, column) whose next token is trained
+    assert torch.equal(batch.positions, trained_positions(batch.mask))
+    with torch.no_grad():
+        a = selected_token_logps(model, batch.input_ids, batch.attention_mask, batch.mask)
+        b = selected_token_logps(model, batch.input_ids, batch.attention_mask, batch.mask, positions=batch.positions)
+    assert torch.equal(a, b)

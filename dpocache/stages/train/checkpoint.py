@@ -129,7 +129,7 @@ def finish_checkpoint(output_dir: str | Path, tmp: Path, step: int, *, model_sta
     sha256 of every file, ``records`` holding the other ranks' files); rename into place."""
     root = checkpoint_root(output_dir)
     final = root / f"{PREFIX}{step:08d}"
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+    tensors = {k: _plain(v) for k, v in model_state.items()}
     save_file(_dedupe_shared(tensors), str(tmp / "model.safetensors"))
     written = ["model.safetensors"]
     if optimizer is not None:
@@ -160,6 +160,21 @@ def save_checkpoint(output_dir: str | Path, step: int, *, model_state: dict, opt
     return finish_checkpoint(output_dir, tmp, step, model_state=model_state, optimizer=optimizer,
                              scheduler=scheduler, settings=settings, records=records, extra=extra,
                              keep_last=keep_last)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with a storage safetensors can address (gathered FSDP weights may come with a
+    storage Python cannot reach: those are copied)."""
+    import warnings
+
+    tensor = tensor.detach().contiguous().cpu()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tensor.storage().data_ptr()  # what safetensors asks
+    except RuntimeError:
+        tensor = tensor.clone()
+    return tensor
 
 
 def _jsonable(value):

@@ -60,7 +60,22 @@ def make_accelerator(cfg: TrainConfig, *, cpu: bool | None = None):
     acc = Accelerator(cpu=cpu and not deepspeed and not fsdp_requested(),  # cpu=True would turn them off
                       gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       log_with=cfg.report_to if cfg.with_tracking else None, project_dir=cfg.output_dir, **kwargs)
+    if fsdp_requested() and cpu and acc.num_processes > 1:
+        _fsdp_on_cpu(acc, kwargs["fsdp_plugin"])
     return acc
+
+
+def _fsdp_on_cpu(acc, plugin) -> None:
+    """accelerate enables FSDP for accelerator devices only; PyTorch's fully_shard also runs on CPU processes
+    (gloo), which is how the FSDP2 path is exercised on machines without GPUs: mark the state as FSDP."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    if acc.state.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.state.mixed_precision)
+    acc.state.distributed_type = DistributedType.FSDP
+    acc.state.fsdp_plugin = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does on GPUs
 
 
 def fsdp_plugin():

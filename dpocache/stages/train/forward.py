@@ -30,11 +30,11 @@ class PolicyOutput:
 def policy_logps(logp_model, batch: HostBatch) -> PolicyOutput:
     if batch.packed is not None:
         packed = batch.packed
-        out = logp_model(packed.input_ids, None, packed.mask, packed.position_ids)
+        out = logp_model(packed.input_ids, None, packed.mask, packed.position_ids, batch.positions)
         per_token, aux = out if isinstance(out, tuple) else (out, None)
         per_token, token_mask = unpack(per_token, packed), unpack(packed.mask, packed)
     else:
-        out = logp_model(batch.input_ids, batch.attention_mask, batch.mask)
+        out = logp_model(batch.input_ids, batch.attention_mask, batch.mask, None, batch.positions)
         per_token, aux = out if isinstance(out, tuple) else (out, None)
         token_mask = batch.mask
     sums, counts = per_token.sum(-1), token_mask.sum(-1)

@@ -77,8 +77,12 @@ class FiniteGuard:
 
 
 def _torch_optimizer(optimizer):
+    """The torch optimizer that really steps, under accelerate's wrapper (itself an Optimizer subclass)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
     opt = optimizer
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+    while isinstance(opt, AcceleratedOptimizer) or (not isinstance(opt, torch.optim.Optimizer)
+                                                   and hasattr(opt, "optimizer")):
         opt = opt.optimizer
     return opt
 

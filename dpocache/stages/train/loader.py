@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dpocache.devices import to_device
+from dpocache.logprobs import trained_positions
 from dpocache.stages.train.batching import epoch_order, micro_batches
 from dpocache.stages.train.packing import PackedBatch, pack_flat
 from dpocache.stages.train.source import ExampleSource, PairBatch
@@ -37,6 +38,7 @@ class HostBatch:
     attention_mask: torch.Tensor | None
     mask: torch.Tensor | None  # [2B, W] long, trainable tokens
     packed: PackedBatch | None
+    positions: torch.Tensor  # [2, N] (row, column) of the positions whose next token is trained
     reference: torch.Tensor | None  # [B, 4] float32: ref chosen sum, rejected sum, chosen count, rejected count
     pairs: int
     num_tokens: int  # non-pad tokens, chosen + rejected (known on the host: no device sync to count them)
@@ -49,8 +51,8 @@ class HostBatch:
             return None if t is None else to_device(t, device)
 
         return HostBatch(move(self.input_ids), move(self.attention_mask), move(self.mask),
-                         self.packed.to(device) if self.packed is not None else None, move(self.reference),
-                         self.pairs, self.num_tokens, self.hashes, self.tag)
+                         self.packed.to(device) if self.packed is not None else None, move(self.positions),
+                         move(self.reference), self.pairs, self.num_tokens, self.hashes, self.tag)
 
 
 def plan(lengths: np.ndarray, *, per_device: int, accumulation: int, rank: int, world: int, seed: int,
@@ -95,7 +97,8 @@ class Collator:
             lengths = np.concatenate([pairs.chosen.lengths, pairs.rejected.lengths])
             packed = pack_flat(np.concatenate([pairs.chosen.ids, pairs.rejected.ids]),
                                np.concatenate([pairs.chosen.mask, pairs.rejected.mask]), lengths, pin=self.pin)
-            return HostBatch(None, None, None, packed, reference, len(pairs), pairs.num_tokens, pairs.hashes, tag)
+            return HostBatch(None, None, None, packed, self._positions(packed.mask), reference, len(pairs),
+                             pairs.num_tokens, pairs.hashes, tag)
         longest = int(max(pairs.chosen.lengths.max(), pairs.rejected.lengths.max()))
         width = -(-longest // self.multiple) * self.multiple
         shape = (2 * len(pairs), width)
@@ -106,7 +109,12 @@ class Collator:
             _fill_padded(ids, side.ids, side.offsets, row0)
             _fill_padded(tmask, side.mask, side.offsets, row0)
             _fill_padded(attn, np.ones(int(side.offsets[-1]), dtype=np.int64), side.offsets, row0)
-        return HostBatch(ids, attn, tmask, None, reference, len(pairs), pairs.num_tokens, pairs.hashes, tag)
+        return HostBatch(ids, attn, tmask, None, self._positions(tmask), reference, len(pairs), pairs.num_tokens,
+                         pairs.hashes, tag)
+
+    def _positions(self, mask: torch.Tensor) -> torch.Tensor:
+        positions = trained_positions(mask)
+        return positions.pin_memory() if self.pin else positions
 
 
 _DONE = object()

@@ -88,8 +88,8 @@ def _all_ok(acc, error: BaseException | None) -> BaseException | None:
     from accelerate.utils import gather_object
 
     errors = [e for e in gather_object([None if error is None else (type(error).__name__, str(error))]) if e]
-    if not errors:
-        return None
+    if error is not None or not errors:
+        return error  # this rank's own error keeps its type and traceback
     kind, message = errors[0]
     return DiskFullError(message) if kind == "DiskFullError" else RuntimeError(message)
 
