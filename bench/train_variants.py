@@ -115,6 +115,7 @@ def run_dpocache(plan: dict, work: Path) -> dict:
     log callback (``logging_steps=1``) stamps the end of each optimizer step.
     """
     from dpocache.config import build
+    from dpocache.losses import LossConfig
     from dpocache.modeling import ModelConfig
     from dpocache.stages.train import TrainConfig, setup, train
 
@@ -122,9 +123,10 @@ def run_dpocache(plan: dict, work: Path) -> dict:
     values = dict(store=plan["store"], output_dir=str(work / "dpocache-out"), loss_type="dpo", beta=0.1,
                   learning_rate=plan["lr"], warmup_ratio=0.0, per_device_train_batch_size=plan["batch"],
                   max_train_steps=total, checkpointing_steps=None, logging_steps=1, seed=plan["seed"])
-    (cfg,) = build([TrainConfig], {**values, **plan.get("dpocache_set", {})}, source="--dpocache_set")
+    cfg, loss_cfg = build([TrainConfig, LossConfig], {**values, **plan.get("dpocache_set", {})},
+                          source="--dpocache_set")
     t0 = time.perf_counter()
-    state = setup(ModelConfig(model_name_or_path=plan["model"]), cfg, log=_quiet)
+    state = setup(ModelConfig(model_name_or_path=plan["model"]), cfg, loss_cfg=loss_cfg, log=_quiet)
     init = time.perf_counter() - t0
     clock = StepClock()
     state.logp_model.register_forward_pre_hook(lambda _m, args: clock.tokens.append(int(args[1].sum())))

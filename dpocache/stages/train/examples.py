@@ -16,7 +16,7 @@ from dpocache.config import ConfigError
 from dpocache.console import log
 from dpocache.data import DataConfig, load_preference_data, prepare_tokenizer
 from dpocache.logprobs import pad_batch
-from dpocache.losses import REFERENCE_FREE, SequenceLogps
+from dpocache.losses import REFERENCE_FREE, LossConfig, LossInputs, SequenceLogps
 from dpocache.modeling import ModelConfig, load_tokenizer
 from dpocache.stages.train.packing import pack_batch, sequence_sums
 
@@ -83,24 +83,26 @@ def data_tokenizer(model_cfg: ModelConfig, data_cfg: DataConfig):
     return tok
 
 
-def load_training_data(model_cfg: ModelConfig, cfg, data_cfg: DataConfig | None = None):
+def load_training_data(model_cfg: ModelConfig, cfg, data_cfg: DataConfig | None = None,
+                       loss_cfg: LossConfig | None = None):
     """Where stage two's examples come from: ``(store or None, list name, Examples, tokenizer)``.
 
     With ``--store``: the store's example list, and the policy's tokenizer set up as stage one set it
     up. Without a store, a reference-free loss (simpo) tokenizes ``--dataset``/``--mixer_list`` itself;
     any other loss needs the reference values of a store.
     """
+    loss_cfg = loss_cfg or LossConfig()
     if cfg.store is None:
-        if cfg.loss_type not in REFERENCE_FREE:
-            raise ConfigError(f"loss_type {cfg.loss_type} compares the policy with the reference: pass --store (a "
+        if not loss_cfg.reference_free:
+            raise ConfigError(f"loss_type {loss_cfg.loss_type} compares the policy with the reference: pass --store (a "
                               "store written by `dpocache score`); only reference-free losses "
                               f"({', '.join(sorted(REFERENCE_FREE))}) can train from --dataset without a store")
         if data_cfg is None or not data_cfg.mixture():
-            raise ConfigError(f"train needs --store, or (the {cfg.loss_type} loss is reference-free) the data "
+            raise ConfigError(f"train needs --store, or (the {loss_cfg.loss_type} loss is reference-free) the data "
                               "itself: --dataset or --mixer_list")
         tokenizer = data_tokenizer(model_cfg, data_cfg)
         name, examples = examples_from_data(data_cfg, tokenizer)
-        log(f"stage two: {cfg.loss_type} is reference-free: {len(examples)} examples tokenized from the data "
+        log(f"stage two: {loss_cfg.loss_type} is reference-free: {len(examples)} examples tokenized from the data "
             "(no store)")
         return None, cfg.store_dataset or name, examples, tokenizer
     if data_cfg is not None and data_cfg.mixture():
@@ -182,31 +184,23 @@ def forward_batch(logp_model, ex: Examples, idx, pad_id: int, device, packing: b
 
 
 @torch.no_grad()
-def evaluate(logp_model, examples: Examples, pad_id: int, *, loss_type: str, beta: float,
-             batch_size: int = 8, device="cpu") -> dict[str, float]:
-    """The policy measured on ``examples``.
+def evaluate(logp_model, examples: Examples, pad_id: int, *, loss, batch_size: int = 8,
+             device="cpu") -> dict[str, float]:
+    """The policy measured on ``examples`` with the configured loss's view (``loss``: a PreferenceLoss).
 
     Against the stored reference: ``reward_accuracy`` and ``reward_margin`` (beta-scaled log-ratio
     differences, as the loss sees them). For a reference-free loss (no reference to compare with):
     ``policy_preference_accuracy``, the fraction of pairs whose chosen side has the higher average
     log-prob per token, and ``policy_logp_margin``, the mean of avg chosen - avg rejected log-prob.
     """
-    from dpocache.losses import AVERAGED
-
-    free = loss_type in REFERENCE_FREE or examples.reference is None
-    averaged = free or loss_type in AVERAGED
+    free = loss.reference_free or examples.reference is None
     was_training = logp_model.training
     logp_model.eval()
     correct, margins = [], []
     for start in range(0, len(examples), batch_size):
         idx = list(range(start, min(start + batch_size, len(examples))))
         policy, reference, _, _ = forward_batch(logp_model, examples, idx, pad_id, device)
-        pc, pr = policy.pick(averaged)
-        if free:
-            margin = pc - pr
-        else:
-            rc, rr = reference.pick(averaged)
-            margin = beta * ((pc - rc) - (pr - rr))
+        margin = loss.margins(LossInputs(policy, None if free else reference))
         margins.append(margin)
         correct.append((margin > 0).float())
     logp_model.train(was_training)

@@ -7,6 +7,7 @@ margin of a policy on a list of stored examples.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -22,7 +23,7 @@ from dpocache.console import log
 from dpocache.data import DataConfig
 from dpocache.hub import check_hub_access, push_output
 from dpocache.logprobs import TokenLogps, supports_selected_path
-from dpocache.losses import batch_metrics, preference_loss
+from dpocache.losses import LossConfig, LossInputs, build_loss, check_requirements
 from dpocache.modeling import (
     ModelConfig,
     check_model_config,
@@ -93,13 +94,20 @@ class TrainState:
     settings: dict = field(default_factory=dict)
     start_step: int = 0
     history: list = field(default_factory=list)
+    loss_cfg: LossConfig = field(default_factory=LossConfig)
+    loss: object = None  # the PreferenceLoss of loss_cfg
 
 
-def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None) -> TrainState:
+def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None,
+          loss_cfg: LossConfig | None = None) -> TrainState:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
     check(model_cfg.model_name_or_path is not None, "train needs --model_name_or_path (the policy)")
+    loss_cfg = loss_cfg or LossConfig()
+    req = loss_cfg.requirements
+    check(not (req.policy_tokens or req.policy_log_sum_sq), "--ld_alpha and --use_weighting need per-token values "
+          "that this training loop does not compute")
     if not torch.cuda.is_available():
         limit_allocator_retention()
     accelerator = make_accelerator(cfg)
@@ -109,7 +117,9 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
           "and merge it afterwards, or use ZeRO-2")
     set_seed(cfg.seed)
     config = check_model_config(model_cfg)
-    store, name, examples, tokenizer = load_training_data(model_cfg, cfg, data_cfg)
+    store, name, examples, tokenizer = load_training_data(model_cfg, cfg, data_cfg, loss_cfg)
+    check_requirements(req, store=None if store is None else str(store.root), store_token_logps=False,
+                       loss_type=loss_cfg.loss_type)
     check_sequence_lengths(config, int(examples.lengths.max()), f"example list '{name}'")
     model = load_causal_lm(model_cfg, train=True)
     resize_for_tokenizer(model, tokenizer)
@@ -124,7 +134,7 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
     # the probes (output head, packing) run after prepare: under ZeRO-3 the weights are partitioned until the
     # engine's hooks gather them
     logp_model = TokenLogps(model, selected=False, chunk=cfg.logps_chunk_size, keep_mb=cfg.logps_keep_mb,
-                            load_balancing=cfg.load_balancing_loss)
+                            load_balancing=loss_cfg.load_balancing_loss)
     world = accelerator.num_processes
     micro_per_epoch = math.ceil(len(examples) / (cfg.per_device_train_batch_size * world))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps))
@@ -136,6 +146,7 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
                               else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
     settings = resume_settings(cfg, store, name, examples, accelerator, total)
+    settings["loss"] = dataclasses.asdict(loss_cfg)
     start_step = 0
     ckpt = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if ckpt is not None:
@@ -163,14 +174,15 @@ def setup(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | No
         log(f"stage two: resumed from {ckpt} at step {start_step}")
     if cfg.with_tracking:
         start_trackers(accelerator, model_cfg, cfg)
+    loss = build_loss(loss_cfg, reduce_mean=lambda t: accelerator.reduce(t, "mean"))
     return TrainState(model_cfg, cfg, store, name, examples, tokenizer, model, logp_model, optimizer,
-                      scheduler, accelerator, total, steps_per_epoch, settings, start_step)
+                      scheduler, accelerator, total, steps_per_epoch, settings, start_step, loss_cfg=loss_cfg,
+                      loss=loss)
 
 
-RESUME_FIELDS = ("loss_type", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "learning_rate",
-                 "weight_decay", "warmup_ratio", "lr_scheduler_type", "per_device_train_batch_size",
+RESUME_FIELDS = ("learning_rate", "weight_decay", "warmup_ratio", "lr_scheduler_type", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "seed", "max_grad_norm", "group_by_length", "use_lora", "lora_rank",
-                 "load_balancing_loss", "packing")
+                 "packing")
 
 
 def resume_settings(cfg: TrainConfig, store: ReferenceStore | None, list_name: str, examples: Examples, acc,
@@ -246,22 +258,15 @@ def train(state: TrainState, *, progress=True) -> list[dict]:
                 policy, reference, ntok, aux = forward_batch(state.logp_model, state.examples, idx,
                                                              state.tokenizer.pad_token_id, acc.device,
                                                              packing=cfg.packing)
-                out = preference_loss(cfg.loss_type, policy, reference, beta=cfg.beta,
-                                      label_smoothing=cfg.label_smoothing,
-                                      gamma_beta_ratio=cfg.gamma_beta_ratio, sft_weight=cfg.sft_weight)
-                loss = out.losses.mean()
-                if aux is not None:
-                    loss = loss + cfg.load_balancing_weight * aux
-                acc.backward(loss)
+                out = state.loss(LossInputs(policy, reference, aux_loss=aux))
+                acc.backward(out.loss)
                 if acc.sync_gradients:
                     grad_norm = clip_grad(acc, state.logp_model, cfg.max_grad_norm)
                 state.optimizer.step()
                 state.optimizer.zero_grad(set_to_none=True)
                 if trim is not None and acc.sync_gradients:
                     trim()
-            averager.add(batch_metrics(out))
-            if aux is not None:
-                averager.add({"aux_loss": float(aux.detach())})
+            averager.add({k: float(v) for k, v in out.metrics.items()})
             tokens += ntok
             seen += 1
         if grad_norm is not None:
@@ -307,6 +312,7 @@ def save(state: TrainState) -> Path:
         model.save_pretrained(out, safe_serialization=True, state_dict=gathered)
         state.tokenizer.save_pretrained(out)
         write_model_card(out, base_model=state.model_cfg.model_name_or_path, train_cfg=state.cfg,
+                         loss_cfg=state.loss_cfg,
                          store_root=getattr(state.store, "root", None),
                          store_identity=getattr(state.store, "identity", None),
                          list_name=state.list_name, examples=len(state.examples),
@@ -316,19 +322,19 @@ def save(state: TrainState) -> Path:
     return out
 
 
-def run_train(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None, push: bool = True,
-              progress=True) -> TrainState:
+def run_train(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None,
+              loss_cfg: LossConfig | None = None, push: bool = True, progress=True) -> TrainState:
     """Setup, train, save; then (``--push_to_hub``, rank 0, unless ``push`` is False) upload the model.
 
     ``data_cfg`` is the data a reference-free loss trains from when there is no store.
     """
     check_hub_access(cfg)  # no token: fail before any work
-    state = setup(model_cfg, cfg, data_cfg=data_cfg)
+    state = setup(model_cfg, cfg, data_cfg=data_cfg, loss_cfg=loss_cfg)
     source = state.store.root if state.store is not None else "the data (no store)"
     log(f"stage two: {len(state.examples)} examples from list '{state.list_name}' of {source}; "
-        f"{state.total_steps} optimizer steps, loss {cfg.loss_type}")
+        f"{state.total_steps} optimizer steps, {state.loss_cfg.describe()}")
     train(state, progress=progress)
     save(state)
     if push and cfg.push_to_hub and state.accelerator.is_main_process:
-        push_output(cfg)
+        push_output(cfg, state.loss_cfg)
     return state
