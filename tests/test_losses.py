@@ -481,3 +481,32 @@ def test_held_out_margins_use_the_losss_beta_and_kind():
     free = build_loss(LossConfig(loss_type="simpo"))
     torch.testing.assert_close(free.margins(inputs_of(b, reference=False)),
                                (b["pc"] / b["nc"] - b["pr"] / b["nr"]).detach())
+
+
+@pytest.mark.parametrize("options", [{}, {"ld_alpha": 0.5}, {"use_weighting": True},
+                                     {"load_balancing_loss": True, "sft_weight": 0.3}])
+def test_no_host_synchronisation(options):
+    """Every loss, forward and backward, on the ``meta`` device: any read of a value on the host (``.item()``,
+    ``bool()``, ``float()``, a data-dependent Python branch) raises there, so passing proves the loss and its
+    metrics never synchronise with the host, as on an accelerator."""
+    with pytest.raises(RuntimeError):
+        torch.empty((), device="meta").item()  # the probe is live
+    b, t = 4, 7
+
+    def tensor(*shape, grad=False):
+        return torch.empty(*shape, device="meta").requires_grad_(grad)
+
+    count = torch.empty(b, dtype=torch.long, device="meta")
+    mask = torch.empty(b, t, dtype=torch.bool, device="meta")
+    for name in all_names():
+        refused = (name.startswith("aot") and "use_weighting" in options) or (name == "sft" and "sft_weight" in options)
+        if refused:  # by the configuration (tested with the options)
+            continue
+        cfg = LossConfig(loss_type=name, label_smoothing=1e-3 if name == "exo_pair" else 0.0, **options)
+        pc, pr, tc, tr = tensor(b, grad=True), tensor(b, grad=True), tensor(b, t, grad=True), tensor(b, t, grad=True)
+        inputs = LossInputs(SequenceLogps(pc, pr, count, count), SequenceLogps(tensor(b), tensor(b), count, count),
+                            PairTokens(tc, tr, mask, mask), PairTokens(tensor(b, t), tensor(b, t), mask, mask),
+                            PairTokens(tensor(b, t), tensor(b, t), mask, mask), aux_loss=tensor(()))
+        out = build_loss(cfg)(inputs)
+        out.loss.backward()
+        assert out.loss.device.type == "meta" and all(v.device.type == "meta" for v in out.metrics.values())
