@@ -59,7 +59,7 @@ def child(args) -> None:
     from transformers import AutoModelForCausalLM
 
     from dpocache.logprobs import TokenLogps
-    from dpocache.losses import preference_loss
+    from dpocache.losses import LossConfig, LossInputs, build_loss
     from dpocache.stages.train.examples import forward_batch
 
     torch.manual_seed(0)
@@ -69,10 +69,11 @@ def child(args) -> None:
     examples = make_examples(args.pairs)
     batches = order_batches(examples, args.batch, args.order == "grouped")
     packing = args.mode == "packed"
+    loss = build_loss(LossConfig(loss_type="dpo", beta=0.1))
 
     def step(idx):
         policy, reference, ntok, _ = forward_batch(logp_model, examples, idx, 0, "cpu", packing=packing)
-        preference_loss("dpo", policy, reference, beta=0.1).losses.mean().backward()
+        loss(LossInputs(policy, reference)).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return ntok

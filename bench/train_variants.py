@@ -109,6 +109,7 @@ def run_dpocache(plan: dict, work: Path) -> dict:
     store. Each optimizer step is stamped when ``train_step`` returns; its tokens are the non-pad tokens the
     recipe counted (both taken on the host, outside the step)."""
     from dpocache.config import build
+    from dpocache.losses import LossConfig
     from dpocache.modeling import ModelConfig
     from dpocache.stages.train import Recipe, TrainConfig
 
@@ -117,9 +118,10 @@ def run_dpocache(plan: dict, work: Path) -> dict:
                   learning_rate=plan["lr"], warmup_ratio=0.0, per_device_train_batch_size=plan["batch"],
                   max_train_steps=total, checkpointing_steps=None, logging_steps=1, seed=plan["seed"],
                   overwrite_output_dir=True)
-    (cfg,) = build([TrainConfig], {**values, **plan.get("dpocache_set", {})}, source="--dpocache_set")
+    cfg, loss_cfg = build([TrainConfig, LossConfig], {**values, **plan.get("dpocache_set", {})},
+                          source="--dpocache_set")
     t0 = time.perf_counter()
-    recipe = Recipe(ModelConfig(model_name_or_path=plan["model"]), cfg, show_progress=False).setup()
+    recipe = Recipe(ModelConfig(model_name_or_path=plan["model"]), cfg, loss_cfg=loss_cfg, show_progress=False).setup()
     init = time.perf_counter() - t0
     clock = StepClock()
     step = recipe.train_step

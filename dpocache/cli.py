@@ -27,6 +27,7 @@ from dpocache.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 def _classes(command: str) -> list[type]:
     from dpocache.data import DataConfig
+    from dpocache.losses import LossConfig
     from dpocache.modeling import ModelConfig
     from dpocache.pipeline import RunConfig
     from dpocache.stages.score import ScoreConfig
@@ -35,8 +36,8 @@ def _classes(command: str) -> list[type]:
 
     return {
         "score": [ModelConfig, DataConfig, ScoreConfig, VLLMOptions],
-        "train": [ModelConfig, DataConfig, TrainConfig],
-        "run": [ModelConfig, DataConfig, ScoreConfig, VLLMOptions, TrainConfig, RunConfig],
+        "train": [ModelConfig, DataConfig, TrainConfig, LossConfig],
+        "run": [ModelConfig, DataConfig, ScoreConfig, VLLMOptions, TrainConfig, LossConfig, RunConfig],
         "data": [DataConfig],
     }[command]
 
@@ -300,8 +301,8 @@ def _cmd_train(args) -> int:
     configs = _configs(args)
     if _dry_run(args, configs):
         return 0
-    model_cfg, data_cfg, train_cfg = configs
-    run_train(model_cfg, train_cfg, data_cfg=data_cfg)
+    model_cfg, data_cfg, train_cfg, loss_cfg = configs
+    run_train(model_cfg, train_cfg, data_cfg=data_cfg, loss_cfg=loss_cfg)
     _destroy_process_group()
     return 0
 
@@ -312,8 +313,8 @@ def _cmd_run(args) -> int:
     configs = _configs(args)
     if _dry_run(args, configs):
         return 0
-    model_cfg, data_cfg, score_cfg, vllm_opts, train_cfg, run_cfg = configs
-    run(model_cfg, data_cfg, score_cfg, train_cfg, run_cfg, vllm_opts)
+    model_cfg, data_cfg, score_cfg, vllm_opts, train_cfg, loss_cfg, run_cfg = configs
+    run(model_cfg, data_cfg, score_cfg, train_cfg, run_cfg, vllm_opts, loss_cfg=loss_cfg)
     _destroy_process_group()
     return 0
 

@@ -35,6 +35,11 @@ PAD_TOKEN = "<|endoftext|>"
 PROBE_TEXT = "The capital of France is Paris. 12 + 30 = 42."
 LOGITS_ATOL = 1e-5
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MARKER)
+# The embedded demo's own training values (a 135M model, 640 pairs, one epoch), set explicitly because the
+# library defaults are those of a real run (learning rate 1e-6): dpo_norm with beta 5, learning rate 2e-5.
+DEMO_LOSS_TYPE = "dpo_norm"
+DEMO_BETA = 5.0
+DEMO_LEARNING_RATE = 2e-5
 
 
 class DefaultModelError(ModelLoadError):

@@ -141,10 +141,10 @@ def _upload(endpoint: str, token: str, out: Path, files: list[Path], repo_id: st
     return str(getattr(info, "commit_url", None) or f"{endpoint}/{full_id}")
 
 
-def push_output(cfg) -> str:
+def push_output(cfg, loss_cfg) -> str:
     """Push ``cfg.output_dir`` with the hub settings of a :class:`TrainConfig`."""
     return push_to_hub(cfg.output_dir, cfg.hf_repo_id, revision=cfg.hf_repo_revision, private=cfg.hf_private,
-                       commit_message=f"Upload {Path(cfg.output_dir).resolve().name} ({cfg.loss_type}, dpocache)")
+                       commit_message=f"Upload {Path(cfg.output_dir).resolve().name} ({loss_cfg.loss_type}, dpocache)")
 
 
 def main(argv: list[str] | None = None) -> int:

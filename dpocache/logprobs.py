@@ -126,6 +126,18 @@ def _chunked_head_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Te
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def _chunked_log_sum_sq(head: nn.Module, hidden: torch.Tensor, chunk: int, transform=None) -> torch.Tensor:
+    """WPO's per-position statistic ``logsumexp(2 * log_softmax(logits))`` (no gradient), chunk by chunk."""
+    parts = []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[start:start + chunk].detach()).float()
+        if transform is not None:
+            logits = transform(logits)
+        parts.append(torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def _scatter(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape) -> torch.Tensor:
     out = torch.zeros(shape, dtype=torch.float32, device=values.device)
     return out.index_put((rows, cols), values)
@@ -152,12 +164,14 @@ def trained_positions(mask: torch.Tensor) -> torch.Tensor:
 def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          mask: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, router_logits: bool = False,
                          position_ids: torch.Tensor | None = None, keep_mb: float = DEFAULT_KEEP_MB,
-                         positions: torch.Tensor | None = None):
+                         positions: torch.Tensor | None = None, log_sum_sq: bool = False):
     """``[B, T]`` fp32: log p(ids[b, t] | ids[b, :t]) where ``mask[b, t]``, else 0 (fast path).
 
     With ``router_logits`` (MoE models) returns ``(logps, router_logits)``. ``attention_mask=None`` with
     ``position_ids`` restarting at 0 is a packed row (see :mod:`dpocache.stages.train.packing`). ``positions``:
     the :func:`trained_positions` of ``mask`` when the caller has them (else found on the device).
+    ``log_sum_sq``: also return WPO's per-token ``logsumexp(2 * log_softmax(logits))`` ``[B, T]`` (no gradient):
+    the result is then ``(logps, router_logits or None, log_sum_sq)``.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
@@ -167,15 +181,21 @@ def selected_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_ma
         rows, cols = positions[0], positions[1]
     else:
         rows, cols = torch.nonzero(mask[:, 1:], as_tuple=True)
-    values = _chunked_head_logps(head, hidden[rows, cols], input_ids[rows, cols + 1], chunk, keep_mb,
-                                 logit_transform(getattr(model, "config", None)))
+    transform = logit_transform(getattr(model, "config", None))
+    picked = hidden[rows, cols]
+    values = _chunked_head_logps(head, picked, input_ids[rows, cols + 1], chunk, keep_mb, transform)
     logps = _scatter(values, rows, cols + 1, input_ids.shape)
+    if log_sum_sq:
+        stat = _scatter(_chunked_log_sum_sq(head, picked, chunk, transform), rows, cols + 1, input_ids.shape)
+        return logps, out.router_logits if router_logits else None, stat
     return (logps, out.router_logits) if router_logits else logps
 
 
 def full_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     mask: torch.Tensor, *, router_logits: bool = False, position_ids: torch.Tensor | None = None):
-    """Reference implementation through the model's own forward (full logits)."""
+                     mask: torch.Tensor, *, router_logits: bool = False, position_ids: torch.Tensor | None = None,
+                     log_sum_sq: bool = False):
+    """Reference implementation through the model's own forward (full logits); ``log_sum_sq`` as for
+    :func:`selected_token_logps`."""
     result = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                    **_forward_kwargs(position_ids, router_logits))
     logits = result.logits
@@ -183,6 +203,11 @@ def full_token_logps(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
     out[:, 1:] = picked * mask[:, 1:].to(picked.dtype)
+    if log_sum_sq:
+        stat = torch.zeros_like(out)
+        with torch.no_grad():
+            stat[:, 1:] = torch.logsumexp(2 * logp.detach(), dim=-1) * mask[:, 1:].to(stat.dtype)
+        return out, result.router_logits if router_logits else None, stat
     return (out, result.router_logits) if router_logits else out
 
 
@@ -264,32 +289,34 @@ class TokenLogps(nn.Module):
         return getattr(self.model, "_no_split_modules", None)
 
     def __init__(self, model: nn.Module, *, selected: bool | None = None, chunk: int = DEFAULT_CHUNK,
-                 keep_mb: float = DEFAULT_KEEP_MB, load_balancing: bool = False):
+                 keep_mb: float = DEFAULT_KEEP_MB, load_balancing: bool = False, log_sum_sq: bool = False):
         super().__init__()
         self.model = model
         self.selected = supports_selected_path(model) if selected is None else selected
         self.chunk = chunk
         self.keep_mb = keep_mb
         self.load_balancing = load_balancing
+        self.log_sum_sq = log_sum_sq
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None):
-        """Per-token log-probs; with ``load_balancing`` (MoE) a tuple ``(logps, router aux loss)``.
+        """Per-token log-probs ``[B, T]``. With ``load_balancing`` (MoE) or ``log_sum_sq`` (WPO weights) a tuple
+        ``(logps, router aux loss or None, per-token logsumexp(2 log p) or None)``.
 
         A packed row (:mod:`dpocache.stages.train.packing`) passes ``attention_mask=None`` and its
         ``position_ids``; ``positions`` are the host-computed :func:`trained_positions` of ``mask`` (optional).
         """
+        extra = {"router_logits": self.load_balancing, "position_ids": position_ids, "log_sum_sq": self.log_sum_sq}
         if self.selected:
             out = selected_token_logps(self.model, input_ids, attention_mask, mask, chunk=self.chunk,
-                                       router_logits=self.load_balancing, position_ids=position_ids,
-                                       keep_mb=self.keep_mb, positions=positions)
+                                       keep_mb=self.keep_mb, positions=positions, **extra)
         else:
-            out = full_token_logps(self.model, input_ids, attention_mask, mask, router_logits=self.load_balancing,
-                                   position_ids=position_ids)
-        if not self.load_balancing:
+            out = full_token_logps(self.model, input_ids, attention_mask, mask, **extra)
+        if not (self.load_balancing or self.log_sum_sq):
             return out
-        logps, router = out
-        return logps, router_aux_loss(self.model.config, router, attention_mask)
+        logps, router, stat = out if self.log_sum_sq else (*out, None)
+        aux = router_aux_loss(self.model.config, router, attention_mask) if self.load_balancing else None
+        return logps, aux, stat
 
 
 def router_aux_loss(config, router_logits, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dpocache.config import ConfigError, opt, to_dict
 from dpocache.console import log
 from dpocache.data import DataConfig
 from dpocache.hub import check_hub_access, push_output
-from dpocache.losses import REFERENCE_FREE
+from dpocache.losses import LossConfig
 from dpocache.modeling import ModelConfig
 from dpocache.plotting import plot_metrics
 from dpocache.devices import release_memory
@@ -34,21 +34,45 @@ class RunConfig:
         "losses: the policy's own preference accuracy and log-prob margin).", group="run")
 
 
-def apply_embedded_defaults(model_cfg: ModelConfig, data_cfg: DataConfig, run_cfg: RunConfig):
-    """No model or data given: use the embedded SmolLM2-135M-Instruct and preference dataset."""
-    if model_cfg.model_name_or_path is None:
-        from dpocache import defaults
+def apply_embedded_defaults(model_cfg: ModelConfig, data_cfg: DataConfig, run_cfg: RunConfig,
+                            train_cfg: TrainConfig | None = None, loss_cfg=None):
+    """No model or data given: use the embedded SmolLM2-135M-Instruct and preference dataset. With neither
+    given (the embedded demo), also the demo's own training values where the command line left them out:
+    ``dpo_norm`` with beta 5 and learning rate 2e-5 (the library defaults are those of a real run)."""
+    from dpocache import defaults
 
+    demo = model_cfg.model_name_or_path is None and data_cfg.dataset is None and not data_cfg.mixer_list
+    if model_cfg.model_name_or_path is None:
         model_cfg.model_name_or_path = str(defaults.default_model_path())
         log(f"model: embedded default {defaults.DEFAULT_MODEL_NAME} ({model_cfg.model_name_or_path})")
     if data_cfg.dataset is None and not data_cfg.mixer_list:
-        from dpocache import defaults
-
         files = defaults.default_dataset_files()
         data_cfg.dataset = str(files["train"])
         if run_cfg.heldout_dataset is None:
             run_cfg.heldout_dataset = str(files["heldout"])
         log(f"data: embedded default preference set ({data_cfg.dataset})")
+    if demo:
+        chosen = apply_demo_training_values(train_cfg, loss_cfg)
+        if chosen:
+            log(f"embedded demo: {', '.join(chosen)} (the demo's own values; --learning_rate, --loss_type and "
+                "--beta set others)")
+
+
+def apply_demo_training_values(train_cfg: TrainConfig | None, loss_cfg) -> list[str]:
+    """The embedded demo's learning rate, loss and beta, each only where the command line left it out;
+    returns what was set."""
+    from dpocache import defaults
+
+    chosen = []
+    if train_cfg is not None and getattr(train_cfg, "_learning_rate_default", False):
+        train_cfg.learning_rate = defaults.DEMO_LEARNING_RATE
+        train_cfg._learning_rate_default = False
+        chosen.append(f"learning rate {defaults.DEMO_LEARNING_RATE:g}")
+    if loss_cfg is not None and loss_cfg.loss_type == defaults.DEMO_LOSS_TYPE and loss_cfg.beta_is_default:
+        loss_cfg.beta = defaults.DEMO_BETA
+        loss_cfg._beta_default = False
+        chosen.append(f"{defaults.DEMO_LOSS_TYPE} with beta {defaults.DEMO_BETA:g}")
+    return chosen
 
 
 def _barrier() -> None:
@@ -97,28 +121,29 @@ def stage_one(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConf
                     None if scored else "every example already scored")
 
 
-def skip_stage_one(train_cfg: TrainConfig, score_cfg: ScoreConfig) -> StageOne:
+def skip_stage_one(loss_cfg: LossConfig, score_cfg: ScoreConfig) -> StageOne:
     """A reference-free loss needs no reference: no reference model is loaded and no store is written."""
-    reason = f"the {train_cfg.loss_type} loss is reference-free: no reference model, no store"
+    reason = f"the {loss_cfg.loss_type} loss is reference-free: no reference model, no store"
     log(f"stage one: skipped ({reason})" + ("; --store is not used" if score_cfg.store else ""))
     return StageOne(None, None, None, skip_reason=reason)
 
 
 def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, train_cfg: TrainConfig,
-        run_cfg: RunConfig, vllm_options=None, *, progress=True) -> dict:
+        run_cfg: RunConfig, vllm_options=None, *, loss_cfg: LossConfig | None = None, progress=True) -> dict:
     t_start = time.perf_counter()
-    apply_embedded_defaults(model_cfg, data_cfg, run_cfg)
+    loss_cfg = loss_cfg or LossConfig()
+    apply_embedded_defaults(model_cfg, data_cfg, run_cfg, train_cfg, loss_cfg)
     check_hub_access(train_cfg)  # --push_to_hub without a token: fail before any work
     held_data = heldout_data(data_cfg, run_cfg)
-    if train_cfg.loss_type in REFERENCE_FREE:
-        first = skip_stage_one(train_cfg, score_cfg)
+    if loss_cfg.reference_free:
+        first = skip_stage_one(loss_cfg, score_cfg)
         train_cfg = dataclasses.replace(train_cfg, store=None, store_dataset=None, heldout_store_dataset=None)
     else:
         first = stage_one(model_cfg, data_cfg, score_cfg, held_data, vllm_options, progress=progress)
         train_cfg = dataclasses.replace(train_cfg, store=first.store, store_dataset=first.list_name,
                                         heldout_store_dataset=first.heldout_list)
     release_memory()  # the reference's accelerator memory goes back before the policy loads
-    recipe = run_train(model_cfg, train_cfg, data_cfg=data_cfg if first.store is None else None,
+    recipe = run_train(model_cfg, train_cfg, data_cfg=data_cfg if first.store is None else None, loss_cfg=loss_cfg,
                        heldout_data=held_data if first.store is None else None, push=False, show_progress=progress,
                        summarize=False)
     summary = {
@@ -135,12 +160,12 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
         except ConfigError as exc:
             log(f"plots skipped: {exc}")
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    summary["config"] = to_dict(model_cfg, data_cfg, score_cfg, train_cfg, run_cfg)
+    summary["config"] = to_dict(model_cfg, data_cfg, score_cfg, train_cfg, loss_cfg, run_cfg)
     if is_main:
         summary = write_summary(recipe, summary)
         log(format_summary(summary))
         if train_cfg.push_to_hub:  # last: everything is saved locally before the network is needed
-            push_output(train_cfg)
+            push_output(train_cfg, loss_cfg)
     return summary
 
 

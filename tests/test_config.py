@@ -16,22 +16,23 @@ def parse(argv):
 def test_cli_beats_yaml_beats_defaults(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rate: 1.0e-6\nbeta: 0.1\nloss-type: dpo\nmax_grad_norm: null\n")
-    model_cfg, _, train_cfg = parse(["train", "--config", str(cfg), "--beta", "0.3", "--model_name_or_path", "m"])
+    model_cfg, _, train_cfg, loss_cfg = parse(["train", "--config", str(cfg), "--beta", "0.3",
+                                               "--model_name_or_path", "m"])
     assert train_cfg.learning_rate == 1e-6          # from YAML (dashed key accepted)
-    assert train_cfg.beta == 0.3                    # command line wins
-    assert train_cfg.loss_type == "dpo"
+    assert loss_cfg.beta == 0.3                     # command line wins
+    assert loss_cfg.loss_type == "dpo"
     assert train_cfg.per_device_train_batch_size == 8  # default
     assert model_cfg.model_name_or_path == "m"
 
 
 def test_dashed_aliases_and_booleans():
-    _, _, train_cfg = parse(["train", "--learning-rate", "0.5", "--verify-store", "false", "--allow_missing"])
+    _, _, train_cfg, _ = parse(["train", "--learning-rate", "0.5", "--verify-store", "false", "--allow_missing"])
     assert train_cfg.learning_rate == 0.5
     assert train_cfg.verify_store is False and train_cfg.allow_missing is True
 
 
 def test_shared_field_sets_every_config():
-    _, data_cfg, _, _, train_cfg, _ = parse(["run", "--seed", "7"])
+    _, data_cfg, _, _, train_cfg, _, _ = parse(["run", "--seed", "7"])
     assert data_cfg.seed == 7 and train_cfg.seed == 7
 
 

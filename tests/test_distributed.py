@@ -48,6 +48,20 @@ def test_ddp_two_processes_match_one(tiny_model_dir, store, tmp_path):
     assert (ddp / "model.safetensors").is_file()
 
 
+
+def test_ddp_bco_pair_reward_mean_is_shared_by_the_processes(tiny_model_dir, store, tmp_path):
+    """bco_pair's running reward mean is averaged across processes every micro-batch: two processes of 2 pairs
+    train exactly as one process of 4 (without the average each rank would shift by its own rewards)."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    extra = ["--loss_type", "sigmoid,bco_pair", "--loss_weights", "0.5,1.0", "--beta", "5", "--learning_rate", "1e-2"]
+    assert main(train_args(tiny_model_dir, store, single, 4) + extra) == 0
+    accelerate(train_args(tiny_model_dir, store, ddp, 2) + extra)
+    a, b = read_jsonl(single / "metrics.jsonl"), read_jsonl(ddp / "metrics.jsonl")
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "loss/bco_pair", "loss/sigmoid", "rewards/margin"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-5), key  # per-rank shifts: off by ~10%
+
 def test_run_under_two_processes(tiny_model_dir, tmp_path):
     """`dpocache run` launched on 2 processes: each rank scores its part, a barrier, DDP training, rank 0
     evaluates the held-out pairs and writes the summary; a second launch reuses the whole store."""

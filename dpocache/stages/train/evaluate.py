@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dpocache.console import progress
-from dpocache.stages.train.forward import policy_logps, reference_logps
+from dpocache.stages.train.forward import loss_inputs, policy_logps
 from dpocache.stages.train.loader import Collator, Prefetcher
 from dpocache.stages.train.source import ExampleSource
 
@@ -31,14 +31,13 @@ def _share(lengths: np.ndarray, batch_size: int, rank: int, world: int):
 
 
 @torch.no_grad()
-def evaluate(logp_model, source: ExampleSource, collate: Collator, *, averaged: bool, reference_free: bool,
-             beta: float, batch_size: int, device, rank: int = 0, world: int = 1, reduce_sum=None,
-             desc: str = "held-out evaluation") -> dict[str, float]:
+def evaluate(logp_model, source: ExampleSource, collate: Collator, objective, *, batch_size: int, device,
+             rank: int = 0, world: int = 1, reduce_sum=None, desc: str = "held-out evaluation") -> dict[str, float]:
     """See the module docstring. Under several processes each rank measures its share of the batches and
     ``reduce_sum`` (a cross-rank sum of a tensor) combines them."""
     was_training = logp_model.training
     logp_model.eval()
-    free = reference_free or source.reference is None
+    free = objective.reference_free or source.reference is None
     correct = torch.zeros((), dtype=torch.float64, device=device)
     margin_sum = torch.zeros((), dtype=torch.float64, device=device)
     batches = Prefetcher(source, _share(source.lengths, batch_size, rank, world), collate)
@@ -46,13 +45,10 @@ def evaluate(logp_model, source: ExampleSource, collate: Collator, *, averaged: 
     try:
         for host in batches:
             batch = host.to(device)
-            policy = policy_logps(logp_model, batch).logps
-            pc, pr = policy.pick(averaged or free)
+            inputs = loss_inputs(policy_logps(logp_model, batch), batch, objective.requirements)
             if free:
-                margin = pc - pr
-            else:
-                rc, rr = reference_logps(batch).pick(averaged)
-                margin = beta * ((pc - rc) - (pr - rr))
+                inputs.reference = None
+            margin = objective.margins(inputs)
             counted = batch.tag  # 0 for the repeated batches that keep the ranks in step
             correct += (margin > 0).sum() * counted
             margin_sum += margin.double().sum() * counted

@@ -19,10 +19,17 @@ from dpocache.artifacts.identity import text_fingerprint, tokenizer_fingerprint
 from dpocache.config import ConfigError
 from dpocache.console import log
 from dpocache.data import DataConfig, load_preference_data, prepare_tokenizer
-from dpocache.losses import REFERENCE_FREE
+from dpocache.losses import REFERENCE_FREE, LossConfig
 from dpocache.modeling import ModelConfig, load_tokenizer
 from dpocache.stages.train.source import DatasetSource, ExampleSource, StoreSource
 from dpocache.stages.train.store_index import list_index
+
+
+def _tokens_only():
+    from dpocache.losses import Requirements
+
+    return Requirements(reference=True, reference_tokens=True, policy_tokens=True, policy_log_sum_sq=False,
+                        router_aux_loss=False)
 
 
 @dataclass
@@ -43,13 +50,21 @@ class TrainingData:
         return text_fingerprint("examples:" + "\n".join(h.decode() for h in self.source.hashes))
 
 
-def store_source(store: ReferenceStore, name: str, *, allow_missing: bool, verify: bool) -> StoreSource:
+def store_source(store: ReferenceStore, name: str, *, allow_missing: bool, verify: bool,
+                 reference_tokens: bool = False) -> StoreSource:
+    """A store list as a streaming source; ``reference_tokens``: also read per-token reference log-probs (a loss
+    needs them: refused before any compute when some example of the list lacks them)."""
+    from dpocache.losses import check_requirements
+
     index = list_index(store, name, allow_missing=allow_missing, verify=verify)
+    if reference_tokens:
+        check_requirements(_tokens_only(), store=str(store.root), store_token_logps=index.token_logps)
     if index.missing:
         log(f"stage two: {index.missing} listed examples of '{name}' are missing from the store and were dropped")
     if len(index) == 0:
         raise ConfigError(f"example list '{name}' of {store.root} is empty")
-    return StoreSource(store.root, index, description=f"list '{name}' of {store.root}")
+    return StoreSource(store.root, index, description=f"list '{name}' of {store.root}",
+                       reference_tokens=reference_tokens)
 
 
 def data_source(data_cfg: DataConfig, tokenizer, *, progress: bool = True) -> tuple[str, DatasetSource]:
@@ -69,31 +84,34 @@ def data_tokenizer(model_cfg: ModelConfig, data_cfg: DataConfig):
     return tok
 
 
-def load_training_data(model_cfg: ModelConfig, cfg, data_cfg: DataConfig | None = None) -> TrainingData:
+def load_training_data(model_cfg: ModelConfig, cfg, data_cfg: DataConfig | None = None,
+                       loss_cfg: LossConfig | None = None) -> TrainingData:
     """Where stage two's examples come from (see the module docstring).
 
     With ``--store``: the store's example list, and the policy's tokenizer set up as stage one set it
     up. Without a store, a reference-free loss (simpo) tokenizes ``--dataset``/``--mixer_list`` itself;
     any other loss needs the reference values of a store.
     """
+    loss_cfg = loss_cfg or LossConfig()
     if cfg.store is None:
-        if cfg.loss_type not in REFERENCE_FREE:
-            raise ConfigError(f"loss_type {cfg.loss_type} compares the policy with the reference: pass --store (a "
+        if not loss_cfg.reference_free:
+            raise ConfigError(f"loss_type {loss_cfg.loss_type} compares the policy with the reference: pass --store (a "
                               "store written by `dpocache score`); only reference-free losses "
                               f"({', '.join(sorted(REFERENCE_FREE))}) can train from --dataset without a store")
         if data_cfg is None or not data_cfg.mixture():
-            raise ConfigError(f"train needs --store, or (the {cfg.loss_type} loss is reference-free) the data "
+            raise ConfigError(f"train needs --store, or (the {loss_cfg.loss_type} loss is reference-free) the data "
                               "itself: --dataset or --mixer_list")
         tokenizer = data_tokenizer(model_cfg, data_cfg)
         name, source = data_source(data_cfg, tokenizer)
-        log(f"stage two: {cfg.loss_type} is reference-free: {len(source)} examples tokenized from the data "
+        log(f"stage two: {loss_cfg.loss_type} is reference-free: {len(source)} examples tokenized from the data "
             "(no store)")
         return TrainingData(source, cfg.store_dataset or name, None, tokenizer)
     if data_cfg is not None and data_cfg.mixture():
         log(f"stage two: examples come from the store {cfg.store}; --dataset/--mixer_list are not used")
     store = ReferenceStore.open(cfg.store, verify=cfg.verify_store)
     name = pick_list(store, cfg.store_dataset)
-    source = store_source(store, name, allow_missing=cfg.allow_missing, verify=cfg.verify_store)
+    source = store_source(store, name, allow_missing=cfg.allow_missing, verify=cfg.verify_store,
+                          reference_tokens=loss_cfg.requirements.reference_tokens)
     return TrainingData(source, name, store, policy_tokenizer(model_cfg, store), source.index.missing)
 
 

@@ -44,6 +44,7 @@ class HostBatch:
     num_tokens: int  # non-pad tokens, chosen + rejected (known on the host: no device sync to count them)
     hashes: np.ndarray
     tag: int = 0  # the plan's tag of this micro-batch: its epoch in training (see Prefetcher)
+    reference_tokens: torch.Tensor | None = None  # [2B, W] float32 per-token reference log-probs (padded layout)
 
     def to(self, device) -> "HostBatch":
         """The same batch on ``device`` (asynchronous copies from pinned memory to CUDA)."""
@@ -52,7 +53,8 @@ class HostBatch:
 
         return HostBatch(move(self.input_ids), move(self.attention_mask), move(self.mask),
                          self.packed.to(device) if self.packed is not None else None, move(self.positions),
-                         move(self.reference), self.pairs, self.num_tokens, self.hashes, self.tag)
+                         move(self.reference), self.pairs, self.num_tokens, self.hashes, self.tag,
+                         move(self.reference_tokens))
 
 
 def plan(lengths: np.ndarray, *, per_device: int, accumulation: int, rank: int, world: int, seed: int,
@@ -98,7 +100,7 @@ class Collator:
             packed = pack_flat(np.concatenate([pairs.chosen.ids, pairs.rejected.ids]),
                                np.concatenate([pairs.chosen.mask, pairs.rejected.mask]), lengths, pin=self.pin)
             return HostBatch(None, None, None, packed, self._positions(packed.mask), reference, len(pairs),
-                             pairs.num_tokens, pairs.hashes, tag)
+                             pairs.num_tokens, pairs.hashes, tag, self._reference_tokens(pairs, int(lengths.max())))
         longest = int(max(pairs.chosen.lengths.max(), pairs.rejected.lengths.max()))
         width = -(-longest // self.multiple) * self.multiple
         shape = (2 * len(pairs), width)
@@ -110,7 +112,16 @@ class Collator:
             _fill_padded(tmask, side.mask, side.offsets, row0)
             _fill_padded(attn, np.ones(int(side.offsets[-1]), dtype=np.int64), side.offsets, row0)
         return HostBatch(ids, attn, tmask, None, self._positions(tmask), reference, len(pairs), pairs.num_tokens,
-                         pairs.hashes, tag)
+                         pairs.hashes, tag, self._reference_tokens(pairs, width))
+
+    def _reference_tokens(self, pairs: PairBatch, width: int) -> torch.Tensor | None:
+        """Per-token reference log-probs in the padded layout ``[2B, width]`` (when the source read them)."""
+        if pairs.chosen.reference is None:
+            return None
+        out = torch.zeros((2 * len(pairs), width), dtype=torch.float32, pin_memory=self.pin)
+        for side, row0 in ((pairs.chosen, 0), (pairs.rejected, len(pairs))):
+            _fill_padded(out, side.reference, side.offsets, row0)
+        return out
 
     def _positions(self, mask: torch.Tensor) -> torch.Tensor:
         positions = trained_positions(mask)

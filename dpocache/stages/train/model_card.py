@@ -12,13 +12,13 @@ from dpocache import __version__
 from dpocache.files import atomic_write_text
 
 
-def write_model_card(out_dir: str | Path, *, base_model: str, train_cfg, store_root: str | Path | None,
+def write_model_card(out_dir: str | Path, *, base_model: str, train_cfg, loss_cfg, store_root: str | Path | None,
                      store_identity: dict | None, list_name: str, examples: int, final_metrics: dict,
                      heldout_metrics: dict | None = None) -> Path:
-    """Write ``README.md``: training config, reference store identity (when there is one), final metrics and the
-    held-out evaluation (when there was one)."""
+    """Write ``README.md``: training and loss configuration, reference store identity (when there is one), final
+    metrics and the held-out evaluation (when there was one)."""
     out = Path(out_dir)
-    config = {k: v for k, v in dataclasses.asdict(train_cfg).items()}
+    config = {**dataclasses.asdict(train_cfg), **dataclasses.asdict(loss_cfg)}
     front = {"library_name": "transformers", "tags": ["dpo", "dpocache"]}
     if not Path(str(base_model)).expanduser().exists():  # Hub metadata names a Hub model, never a local directory
         front["base_model"] = str(base_model)
@@ -32,7 +32,7 @@ def write_model_card(out_dir: str | Path, *, base_model: str, train_cfg, store_r
     text = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {out.resolve().name}", "",
-        f"Trained with dpocache {__version__} from `{base_model}` with the `{train_cfg.loss_type}` "
+        f"Trained with dpocache {__version__} from `{base_model}` with the `{loss_cfg.loss_type}` "
         f"preference loss on {examples} pairs ({source}).", "",
         "## Final metrics", "", "| metric | value |", "| --- | --- |",
         *[f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in final_metrics.items()],

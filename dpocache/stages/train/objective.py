@@ -1,68 +1,51 @@
-"""Stage two's objective: the preference loss of a micro-batch, plus the MoE router term, and its metrics.
+"""Stage two's objective: the configured preference loss of a micro-batch (:mod:`dpocache.losses`).
 
-Contract: :class:`Objective` is called with the policy's :class:`~dpocache.stages.train.forward.PolicyOutput`
-and the batch's reference values and returns ``(loss, metrics)``: the scalar to back-propagate and a dict of
-DETACHED 0-d tensors on the device (open-instruct's metric names), so that no micro-batch synchronises the
-host with the device. Properties tell the held-out evaluation how the loss compares policy and reference.
+Contract: :class:`Objective` wraps a :class:`~dpocache.losses.PreferenceLoss`: called with the policy's
+:class:`~dpocache.stages.train.forward.PolicyOutput` and the batch, it returns ``(loss, metrics)``: the scalar
+to back-propagate (the router term included) and a dict of DETACHED 0-d tensors on the device (open-instruct's
+metric names, ``loss/<name>`` per component), so that no micro-batch synchronises the host with the device.
+Its state (``bco_pair``'s running reward mean) goes into checkpoints; :meth:`margins` serves the held-out
+evaluation without touching that state.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dpocache.losses import AVERAGED, REFERENCE_FREE, LossOutput, SequenceLogps, preference_loss
-from dpocache.stages.train.forward import PolicyOutput
-
-
-def metric_tensors(out: LossOutput) -> dict[str, torch.Tensor]:
-    """The seed's per-batch metrics as device tensors (averaged later over micro-batches)."""
-    metrics = {
-        "train_loss": out.losses.detach().mean(),
-        "logps/chosen": out.chosen_logps.mean(),
-        "logps/rejected": out.rejected_logps.mean(),
-    }
-    if out.chosen_rewards is not None:
-        rc, rr = out.chosen_rewards, out.rejected_rewards
-        metrics.update({
-            "rewards/chosen": rc.mean(),
-            "rewards/rejected": rr.mean(),
-            "rewards/average": ((rc + rr) / 2).mean(),
-            "rewards/accuracy": (rc > rr).float().mean(),
-            "rewards/margin": (rc - rr).mean(),
-        })
-    return metrics
+from dpocache.losses import LossConfig, LossInputs, build_loss
+from dpocache.stages.train.forward import PolicyOutput, loss_inputs
 
 
 class Objective:
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, loss_cfg: LossConfig, *, reduce_mean=None):
+        self.cfg = loss_cfg
+        self.loss = build_loss(loss_cfg, reduce_mean=reduce_mean)
+        self.requirements = self.loss.requirements
 
     @property
     def reference_free(self) -> bool:
-        return self.cfg.loss_type in REFERENCE_FREE
+        return self.loss.reference_free
 
     @property
     def averaged(self) -> bool:
-        return self.cfg.loss_type in AVERAGED
+        return self.loss.averaged
 
     @property
     def beta(self) -> float:
-        return self.cfg.beta
+        return self.loss.beta
 
-    def __call__(self, policy: PolicyOutput, reference: SequenceLogps | None):
-        cfg = self.cfg
-        out = preference_loss(cfg.loss_type, policy.logps, reference, beta=cfg.beta,
-                              label_smoothing=cfg.label_smoothing, gamma_beta_ratio=cfg.gamma_beta_ratio,
-                              sft_weight=cfg.sft_weight)
-        loss = out.losses.mean()
-        metrics = metric_tensors(out)
-        if policy.aux is not None:
-            loss = loss + cfg.load_balancing_weight * policy.aux
-            metrics["aux_loss"] = policy.aux.detach()
-        return loss, metrics
+    def __call__(self, policy: PolicyOutput, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.loss.train()(loss_inputs(policy, batch, self.requirements))
+        return out.loss, out.metrics
+
+    def margins(self, inputs: LossInputs) -> torch.Tensor:
+        """Held-out margins (the loss in eval mode: its running state is left as it is)."""
+        return self.loss.eval().margins(inputs)
 
     def state_dict(self) -> dict:
-        return {}
+        return {k: v.tolist() for k, v in self.loss.state_dict().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if state:
+            current = self.loss.state_dict()
+            self.loss.load_state_dict({k: torch.tensor(v, dtype=current[k].dtype) for k, v in state.items()})

@@ -183,6 +183,7 @@ def save(recipe) -> Path:
                 model.save_pretrained(out, safe_serialization=True, state_dict=gathered)
                 recipe.data.tokenizer.save_pretrained(out)
                 write_model_card(out, base_model=recipe.model_cfg.model_name_or_path, train_cfg=cfg,
+                                 loss_cfg=recipe.loss_cfg,
                                  store_root=getattr(recipe.data.store, "root", None),
                                  store_identity=getattr(recipe.data.store, "identity", None),
                                  list_name=recipe.data.list_name, examples=len(recipe.data.source),

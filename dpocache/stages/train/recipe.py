@@ -23,6 +23,7 @@ from dpocache.console import log, progress, warn
 from dpocache.data import DataConfig
 from dpocache.devices import resolve_device
 from dpocache.logprobs import TokenLogps
+from dpocache.losses import LossConfig
 from dpocache.modeling import (ModelConfig, check_model_config, check_sequence_lengths, load_causal_lm,
                                resize_for_tokenizer)
 from dpocache.stages.train import outputs
@@ -33,25 +34,26 @@ from dpocache.stages.train.engine import choose_logps_path, compute_dtype, prepa
 from dpocache.stages.train.evaluate import evaluate
 from dpocache.stages.train.examples import (TrainingData, data_source, heldout_overlap, load_training_data,
                                             store_source)
-from dpocache.stages.train.forward import policy_logps, reference_logps
+from dpocache.stages.train.forward import policy_logps
 from dpocache.stages.train.guards import FiniteGuard, NonFiniteError, PreemptionAgreement, fused_adamw
 from dpocache.stages.train.loader import Collator, HostBatch, Prefetcher, plan
 from dpocache.stages.train.objective import Objective
 from dpocache.stages.train.tracking import DeviceMetrics, JsonlWriter, compact_line
 
-RESUME_FIELDS = ("loss_type", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "learning_rate",
-                 "weight_decay", "warmup_ratio", "lr_scheduler_type", "per_device_train_batch_size",
+RESUME_FIELDS = ("learning_rate", "weight_decay", "warmup_ratio", "lr_scheduler_type", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "seed", "max_grad_norm", "group_by_length", "use_lora", "lora_rank",
-                 "load_balancing_loss", "packing")
+                 "packing")
 
 
 class Recipe:
     """One stage-two run (see the module docstring)."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None,
-                 heldout_data: DataConfig | None = None, show_progress: bool = True):
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, *, loss_cfg: LossConfig | None = None,
+                 data_cfg: DataConfig | None = None, heldout_data: DataConfig | None = None,
+                 show_progress: bool = True):
         check(model_cfg.model_name_or_path is not None, "train needs --model_name_or_path (the policy)")
         self.model_cfg, self.cfg, self.data_cfg, self.heldout_data = model_cfg, cfg, data_cfg, heldout_data
+        self.loss_cfg = loss_cfg or LossConfig()
         self.show_progress = show_progress
         self.history: list[dict] = []
         self.heldout_metrics: dict = {}
@@ -67,10 +69,10 @@ class Recipe:
         set_seed(self.cfg.seed)  # adapters' initialisation and any dropout left on
         self.device = self.accelerator.device
         self.model_config = check_model_config(self.model_cfg)
+        self.objective = Objective(self.loss_cfg, reduce_mean=_reducer(self.accelerator, "mean"))
         self.data = self._setup_data()
         self.heldout = self._setup_heldout()
         self.model = self._setup_model()
-        self.objective = Objective(self.cfg)
         self.optimizer = self._setup_optimizer()
         self.total_steps, self.steps_per_epoch = self._setup_schedule_length()
         self.scheduler = self._setup_scheduler()
@@ -98,7 +100,7 @@ class Recipe:
         return acc
 
     def _setup_data(self) -> TrainingData:
-        data = load_training_data(self.model_cfg, self.cfg, self.data_cfg)
+        data = load_training_data(self.model_cfg, self.cfg, self.data_cfg, self.loss_cfg)
         check_sequence_lengths(self.model_config, int(data.source.lengths.max()), f"example list '{data.list_name}'")
         return data
 
@@ -106,7 +108,8 @@ class Recipe:
         """The held-out source (a store list, or for a reference-free run the held-out data), or None."""
         cfg, data = self.cfg, self.data
         if cfg.heldout_store_dataset and data.store is not None:
-            source = store_source(data.store, cfg.heldout_store_dataset, allow_missing=False, verify=cfg.verify_store)
+            source = store_source(data.store, cfg.heldout_store_dataset, allow_missing=False, verify=cfg.verify_store,
+                                  reference_tokens=self.objective.requirements.reference_tokens)
         elif self.heldout_data is not None and data.store is None:
             source = data_source(self.heldout_data, data.tokenizer, progress=self.show_progress)[1]
         else:
@@ -167,7 +170,8 @@ class Recipe:
     def _resume_settings(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint."""
         settings = {k: getattr(self.cfg, k) for k in RESUME_FIELDS}
-        settings.update(engine=engine_name(self.accelerator), store_identity=self.data.fingerprint,
+        settings.update(loss=dataclasses.asdict(self.loss_cfg), engine=engine_name(self.accelerator),
+                        store_identity=self.data.fingerprint,
                         store_dataset=self.data.list_name, examples=len(self.data.source),
                         num_processes=self.accelerator.num_processes, total_steps=self.total_steps)
         return settings
@@ -184,7 +188,8 @@ class Recipe:
         """Wrap the model for the launcher's engine, then probe the log-prob paths where it will train."""
         cfg, acc = self.cfg, self.accelerator
         inner = TokenLogps(self.model, selected=False, chunk=cfg.logps_chunk_size, keep_mb=cfg.logps_keep_mb,
-                           load_balancing=cfg.load_balancing_loss)
+                           load_balancing=self.loss_cfg.load_balancing_loss,
+                           log_sum_sq=self.objective.requirements.policy_log_sum_sq)
         if is_deepspeed(acc):
             configure_deepspeed(acc, cfg, self.model.config)
         logp_model, self.optimizer = prepare_model(acc, inner, self.optimizer)
@@ -285,7 +290,7 @@ class Recipe:
 
     def forward_backward(self, batch: HostBatch) -> torch.Tensor:
         """Forward of chosen + rejected, the objective, backward; returns the detached loss."""
-        loss, metrics = self.objective(policy_logps(self.logp_model, batch), reference_logps(batch))
+        loss, metrics = self.objective(policy_logps(self.logp_model, batch), batch)
         if is_deepspeed(self.accelerator) and not bool(torch.isfinite(loss)):
             # the DeepSpeed engine updates the weights inside backward: refuse before it does (a host sync per
             # micro-batch, on this engine only)
@@ -354,8 +359,7 @@ class Recipe:
         acc = self.accelerator
         log(f"stage two: held-out evaluation on {len(self.heldout)} pairs ({self.heldout.description})")
         started = time.perf_counter()
-        metrics = evaluate(self.logp_model, self.heldout, self.collate, averaged=self.objective.averaged,
-                           reference_free=self.objective.reference_free, beta=self.objective.beta,
+        metrics = evaluate(self.logp_model, self.heldout, self.collate, self.objective,
                            batch_size=self.cfg.eval_batch_size, device=self.device, rank=acc.process_index,
                            world=acc.num_processes, reduce_sum=_reducer(acc, "sum"))
         self.heldout_metrics = {"heldout_examples": len(self.heldout),
@@ -409,25 +413,26 @@ def _reducer(acc, op: str):
     return lambda t: acc.reduce(t, reduction=op)
 
 
-def run_train(model_cfg: ModelConfig, cfg: TrainConfig, *, data_cfg: DataConfig | None = None,
-              heldout_data: DataConfig | None = None, push: bool = True, show_progress: bool = True,
-              summarize: bool = True) -> Recipe:
+def run_train(model_cfg: ModelConfig, cfg: TrainConfig, *, loss_cfg: LossConfig | None = None,
+              data_cfg: DataConfig | None = None, heldout_data: DataConfig | None = None, push: bool = True,
+              show_progress: bool = True, summarize: bool = True) -> Recipe:
     """Setup, train, evaluate the held-out list (if any), save, and (``summarize``) write and print the summary;
     then (``--push_to_hub``, rank 0, unless ``push`` is False) upload the model. ``data_cfg``/``heldout_data``:
     the data a reference-free loss trains and is measured on when there is no store."""
     from dpocache.hub import check_hub_access, push_output
 
     check_hub_access(cfg)  # no token: fail before any work
-    recipe = Recipe(model_cfg, cfg, data_cfg=data_cfg, heldout_data=heldout_data, show_progress=show_progress).setup()
+    recipe = Recipe(model_cfg, cfg, loss_cfg=loss_cfg, data_cfg=data_cfg, heldout_data=heldout_data,
+                    show_progress=show_progress).setup()
     data = recipe.data
     source = data.store.root if data.store is not None else "the data (no store)"
     log(f"stage two: {len(data.source)} examples from list '{data.list_name}' of {source}; {recipe.total_steps} "
-        f"optimizer steps, loss {cfg.loss_type} (beta {cfg.beta}), learning rate {cfg.learning_rate:g}")
+        f"optimizer steps; {recipe.loss_cfg.describe()}; learning rate {cfg.learning_rate:g}")
     recipe.train()
     recipe.evaluate()
     outputs.save(recipe)
     if summarize and recipe.accelerator.is_main_process:
         log(outputs.format_train_summary(outputs.write_summary(recipe)))
     if push and cfg.push_to_hub and recipe.accelerator.is_main_process:
-        push_output(cfg)
+        push_output(cfg, recipe.loss_cfg)
     return recipe

@@ -27,7 +27,14 @@ import pyarrow.parquet as pq
 from dpocache.artifacts import StoreError
 
 TOKEN_COLUMNS = ["chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask"]
+REFERENCE_TOKEN_COLUMNS = ["ref_chosen_token_logps", "ref_rejected_token_logps"]
 _OPEN_SHARDS = 64
+
+
+def _flat(array: pa.Array, length: int) -> np.ndarray:
+    """The values of a (possibly sliced) list array, ``length`` of them from its first offset."""
+    first = int(array.offsets[0].as_py())
+    return array.values.slice(first, length).to_numpy(zero_copy_only=False)
 
 
 @dataclass
@@ -37,19 +44,20 @@ class Side:
     ids: np.ndarray  # int32
     mask: np.ndarray  # int8, 1 where the token's log-prob is trained
     offsets: np.ndarray  # int64, len n + 1, offsets[0] == 0
+    reference: np.ndarray | None = None  # float32 per-token reference log-probs (0 where not trained), if read
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
     @classmethod
-    def from_arrow(cls, ids: pa.Array, mask: pa.Array) -> "Side":
+    def from_arrow(cls, ids: pa.Array, mask: pa.Array, reference: pa.Array | None = None) -> "Side":
         offsets = ids.offsets.to_numpy().astype(np.int64)
-        mask_offsets = mask.offsets.to_numpy().astype(np.int64)
         start, stop = int(offsets[0]), int(offsets[-1])
         flat_ids = ids.values.slice(start, stop - start).to_numpy(zero_copy_only=False)
-        flat_mask = mask.values.slice(int(mask_offsets[0]), stop - start).to_numpy(zero_copy_only=False)
-        return cls(flat_ids.astype(np.int32, copy=False), flat_mask.astype(np.int8, copy=False), offsets - start)
+        flat_mask = _flat(mask, stop - start).astype(np.int8, copy=False)
+        flat_ref = None if reference is None else _flat(reference, stop - start).astype(np.float32, copy=False)
+        return cls(flat_ids.astype(np.int32, copy=False), flat_mask, offsets - start, flat_ref)
 
     def tokens(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[k], self.offsets[k + 1]
@@ -77,10 +85,13 @@ class PairBatch:
 
 def pair_batch_from_table(table: pa.Table, indices: np.ndarray, reference: np.ndarray | None,
                           hashes: np.ndarray) -> PairBatch:
-    chosen = Side.from_arrow(table.column("chosen_input_ids").combine_chunks(),
-                             table.column("chosen_mask").combine_chunks())
-    rejected = Side.from_arrow(table.column("rejected_input_ids").combine_chunks(),
-                               table.column("rejected_mask").combine_chunks())
+    def side(name: str) -> Side:
+        per_token = f"ref_{name}_token_logps"
+        values = table.column(per_token).combine_chunks() if per_token in table.column_names else None
+        return Side.from_arrow(table.column(f"{name}_input_ids").combine_chunks(),
+                               table.column(f"{name}_mask").combine_chunks(), values)
+
+    chosen, rejected = side("chosen"), side("rejected")
     return PairBatch(np.asarray(indices), chosen, rejected, reference, hashes)
 
 
@@ -105,9 +116,11 @@ class ExampleSource:
 class StoreSource(ExampleSource):
     """A store's example list: the index in memory, tokens read from the Parquet row groups holding a batch."""
 
-    def __init__(self, root: Path, index, *, description: str = ""):
+    def __init__(self, root: Path, index, *, description: str = "", reference_tokens: bool = False):
+        """``reference_tokens``: also read the per-token reference log-probs (the index must have them)."""
         self.root = Path(root)
         self.index = index  # dpocache.stages.train.store_index.ListIndex
+        self.columns = TOKEN_COLUMNS + (REFERENCE_TOKEN_COLUMNS if reference_tokens else [])
         self.hashes, self.lengths, self.reference = index.hashes, index.lengths, index.reference
         self.description = description
         self._files: dict[int, tuple[pq.ParquetFile, np.ndarray]] = {}
@@ -143,7 +156,7 @@ class StoreSource(ExampleSource):
         groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
         path = self.root / self.index.shards[shard]["path"]
         try:
-            table = pf.read_row_groups(groups.tolist(), columns=TOKEN_COLUMNS)
+            table = pf.read_row_groups(groups.tolist(), columns=self.columns)
         except (pa.ArrowException, OSError) as exc:
             raise StoreError(f"{path}: unreadable Parquet data ({exc}); the shard is damaged") from None
         self.bytes_requested += sum(pf.metadata.row_group(int(g)).total_byte_size for g in groups)

@@ -27,8 +27,9 @@ from dpocache.artifacts import ReferenceStore, StoreError
 from dpocache.console import log
 from dpocache.files import atomic_write_bytes, dpocache_home
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 VALUE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens"]
+TOKEN_LOGP_COLUMNS = ["ref_chosen_token_logps", "ref_rejected_token_logps"]
 LOGP_SUM_TOLERANCE = 1e-3
 
 
@@ -41,6 +42,7 @@ class ListIndex:
     row: np.ndarray  # int64 [N], row inside the shard
     shards: list  # manifest entries (path, rows, bytes, sha256) + mtime_ns seen when the index was loaded
     missing: int = 0
+    token_logps: bool = False  # every example's row holds per-token reference log-probs
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -64,12 +66,13 @@ def _read_shard(store: ReferenceStore, entry: dict, verify: bool) -> pa.Table:
     if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise StoreError(f"{path}: shard checksum mismatch (sha256 differs from the manifest): corrupt")
     try:
-        table = pq.read_table(io.BytesIO(data), columns=["hash", *VALUE_COLUMNS, "chosen_mask", "rejected_mask"])
+        parquet = pq.ParquetFile(io.BytesIO(data))
+        table = parquet.read(columns=["hash", *VALUE_COLUMNS, "chosen_mask", "rejected_mask"])
     except (pa.ArrowException, OSError) as exc:
         raise StoreError(f"{path}: unreadable Parquet data ({exc})") from None
     if table.num_rows != entry["rows"]:
         raise StoreError(f"{path}: shard has {table.num_rows} rows, manifest says {entry['rows']}")
-    return table
+    return table, all(name in parquet.schema_arrow.names for name in TOKEN_LOGP_COLUMNS)
 
 
 def _mask_stats(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,9 +99,9 @@ def _validate(path, hashes: np.ndarray, values: np.ndarray, counts: np.ndarray) 
 
 def _scan(store: ReferenceStore, verify: bool) -> dict[str, np.ndarray]:
     """Every store row's hash, values, length and location, one shard at a time."""
-    parts = {k: [] for k in ("hash", "values", "length", "shard", "row")}
+    parts = {k: [] for k in ("hash", "values", "length", "shard", "row", "tokens")}
     for s, entry in enumerate(store.shards):
-        table = _read_shard(store, entry, verify)
+        table, has_tokens = _read_shard(store, entry, verify)
         hashes = table.column("hash").to_numpy().astype("S64")
         values = np.stack([table.column(c).to_numpy().astype(np.float64) for c in VALUE_COLUMNS], 1)
         c_len, c_cnt = _mask_stats(table.column("chosen_mask"))
@@ -109,9 +112,10 @@ def _scan(store: ReferenceStore, verify: bool) -> dict[str, np.ndarray]:
         parts["length"].append(np.maximum(c_len, r_len))
         parts["shard"].append(np.full(len(hashes), s, dtype=np.int32))
         parts["row"].append(np.arange(len(hashes), dtype=np.int64))
+        parts["tokens"].append(np.full(len(hashes), has_tokens))
     if not parts["hash"]:
         return {"hash": np.zeros(0, "S64"), "values": np.zeros((0, 4)), "length": np.zeros(0, np.int64),
-                "shard": np.zeros(0, np.int32), "row": np.zeros(0, np.int64)}
+                "shard": np.zeros(0, np.int32), "row": np.zeros(0, np.int64), "tokens": np.zeros(0, bool)}
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -139,7 +143,8 @@ def build_index(store: ReferenceStore, hashes, *, allow_missing: bool, verify: b
     """The index of the examples ``hashes`` (in that order, repeats allowed), validating every store row."""
     listed = np.asarray(hashes, dtype="S64")
     rows = _scan(store, verify)
-    order = np.argsort(rows["hash"], kind="stable")
+    # by hash; among copies of one example, rows that also hold per-token reference values first
+    order = np.lexsort((~rows["tokens"], rows["hash"]))
     _check_duplicates(store, rows, order)
     pos = np.searchsorted(rows["hash"], listed, sorter=order)
     found = order[np.minimum(pos, max(len(order) - 1, 0))] if len(order) else np.zeros(len(listed), np.int64)
@@ -151,20 +156,20 @@ def build_index(store: ReferenceStore, hashes, *, allow_missing: bool, verify: b
                          f"store (e.g. {examples}); score them first, or pass --allow_missing to drop them")
     keep = found[present]
     return ListIndex(listed[present], rows["length"][keep], rows["values"][keep], rows["shard"][keep],
-                     rows["row"][keep], [dict(s) for s in store.shards], missing)
+                     rows["row"][keep], [dict(s) for s in store.shards], missing, bool(rows["tokens"][keep].all()))
 
 
 def _save(path, index: ListIndex) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, hashes=index.hashes, lengths=index.lengths, reference=index.reference, shard=index.shard,
-             row=index.row, missing=np.array(index.missing))
+             row=index.row, missing=np.array(index.missing), token_logps=np.array(index.token_logps))
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def _load(path, store: ReferenceStore) -> ListIndex:
     with np.load(path) as data:
         return ListIndex(data["hashes"], data["lengths"], data["reference"], data["shard"], data["row"],
-                         [dict(s) for s in store.shards], int(data["missing"]))
+                         [dict(s) for s in store.shards], int(data["missing"]), bool(data["token_logps"]))
 
 
 def _stamp(store: ReferenceStore, index: ListIndex) -> ListIndex:
