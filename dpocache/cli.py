@@ -126,7 +126,6 @@ UNSUPPORTED: dict[str, str] = {
     "sync_ref_model": "the reference is frozen and scored once into the store (its weights are part of the "
                       "store's identity), so it cannot be synchronised with the policy",
     "rpo_alpha": "not mapped; the closest option is --sft_weight (an added chosen NLL term per token)",
-    "use_weighting": "use --loss_type wpo (the DPO loss weighted per example by the policy's probabilities)",
     "warmup_steps": "use --warmup_ratio (the fraction of optimizer steps with linear warm-up)",
     "eval_strategy": _EVAL,
     "eval_steps": _EVAL,

@@ -9,6 +9,7 @@ from dpocache.cli import main
 
 
 def test_train_evaluates_a_heldout_list_of_the_store(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
     store = score_rows(tmp_path / "a", tiny_model_dir, conversational_rows(12, seed=1), "--store_dataset", "train")
     held = write_jsonl(tmp_path / "held.jsonl", conversational_rows(5, seed=2))
     assert main(["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(held), "--store", str(store),

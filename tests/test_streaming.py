@@ -125,7 +125,7 @@ def test_source_holds_no_token_data(store_dir):
 
 
 def recipe_for(tiny_model_dir, store_dir, out, **extra):
-    values = dict(store=str(store_dir), store_dataset="d", output_dir=str(out), loss_type="dpo", beta=0.1,
+    values = dict(store=str(store_dir), store_dataset="d", output_dir=str(out),
                   per_device_train_batch_size=2, max_train_steps=6, checkpointing_steps=None, prefetch_batches=1,
                   **extra)
     (cfg,) = build([TrainConfig], values)
