@@ -46,7 +46,7 @@ def test_mixer_fractions_counts_upsampling_and_determinism(tokenizer, tmp_path):
     assert len(capped.hashes) == 12 and capped.hashes[:10] == prepared(tokenizer, dataset=str(a)).hashes
     assert capped.name == prepared(tokenizer, mixer_list=[str(a), "1.0", str(b), "1.0"],
                                    max_train_samples=12).name
-    assert capped.name.startswith("a+1-") and "/" not in capped.name
+    assert capped.name == "a+b"  # readable: the sources' names (a store keeps names unique per mixture digest)
 
 
 def test_dataset_is_shorthand_and_splits_pick_files(tokenizer, tmp_path):
@@ -57,6 +57,7 @@ def test_dataset_is_shorthand_and_splits_pick_files(tokenizer, tmp_path):
     assert len(prepared(tokenizer, dataset=str(folder)).dataset) == 4
     both = prepared(tokenizer, mixer_list=[str(folder), "1.0", str(folder), "1.0"], mixer_list_splits=["train", "test"])
     assert [s["kept"] for s in both.stats["sources"]] == [4, 3]
+    assert both.name == "data+data.test"  # a split other than train is part of the name
     assert prepared(tokenizer, dataset=str(folder)).hashes == \
         prepared(tokenizer, mixer_list=[str(folder), "1.0"]).hashes
 
