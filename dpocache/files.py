@@ -72,7 +72,11 @@ def free_bytes(path: str | Path) -> int | None:
 
 
 def _mib(n: int | None) -> str:
-    return "unknown" if n is None else f"{n / 2**20:,.1f} MiB"
+    """A byte count for people: KiB below 1 MiB, GiB from 1 GiB, else MiB."""
+    if n is None:
+        return "unknown"
+    unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if n >= s or u == "KiB")
+    return f"{n / scale:,.1f} {unit}"
 
 
 def is_disk_full(exc: BaseException) -> bool:
