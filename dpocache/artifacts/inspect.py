@@ -44,7 +44,7 @@ def reference_summary(manifest: Manifest) -> dict:
             "dtype": ident.get("dtype"), "backend": ident.get("backend"),
             "max_seq_length": ident.get("max_seq_length"), "weights_sha256": ident.get("model_weights_sha256"),
             "created_at": manifest.created_at, "scored_at": manifest.scored_at,
-            "libraries": {k: v for k, v in sorted(info.items()) if k not in _NOT_LIBRARIES}}
+            "libraries": {k: v for k, v in info.items() if k not in _NOT_LIBRARIES}}
 
 
 class _Accumulator:
