@@ -345,7 +345,9 @@ class ReferenceStore:
     def read_rows(self, hashes: list[str], columns: list[str] | None = None, *,
                   allow_missing: bool = False) -> tuple[pa.Table, int]:
         """Rows for ``hashes`` in that order (repeats allowed), reading only ``columns`` (default: every
-        column but the per-token ones; ``hash`` always comes first). Returns (table, number missing)."""
+        column but the per-token ones; ``hash`` always comes first). Returns (table, number missing).
+        Every row returned has passed :func:`check_rows` (and the same example's other rows agree): a bad
+        row is a :class:`StoreError` naming its shard, row and example."""
         cols = self._columns(columns)
         index = self._build_index()
         missing = [h for h in hashes if h not in index]
@@ -360,26 +362,27 @@ class ReferenceStore:
             if len(locs) > 1 and h not in self._dup_checked:
                 self._check_duplicates(h, locs)
             by_shard.setdefault(locs[0][0], []).append(locs[0][1])
-        parts = [self._read_shard_rows(rel, rows, cols) for rel, rows in by_shard.items()]
+        parts = {rel: self._read_shard_rows(rel, rows, cols) for rel, rows in by_shard.items()}
         if not parts:
             empty = pa.schema([f for f in BASE_FIELDS + TOKEN_FIELDS if f.name in cols]).empty_table()
             return empty.select(cols), len(missing)
-        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        table = pa.concat_tables(parts.values()) if len(parts) > 1 else next(iter(parts.values()))
+        if check_rows(table):  # a bad row: check shard by shard to name its shard and row
+            for rel, part in parts.items():
+                path = str(self.root / rel)
+                raise_defects(check_rows(part, shard=path, rows=sorted(by_shard[rel])), hint=self._damaged_hint())
         position = {h: k for k, h in enumerate(table.column("hash").to_pylist())}
         take = np.fromiter((position[h] for h in wanted), dtype=np.int64, count=len(wanted))
         return table.take(pa.array(take)), len(missing)
 
     def _read_shard_rows(self, rel: str, rows: list[int], cols: list[str]) -> pa.Table:
-        """Rows of one shard (ascending positions), checked by :func:`check_rows`."""
+        """Rows of one shard, in ascending position order."""
         shard = self._shard(rel)
         absent = [c for c in cols if c not in shard.columns]
         if absent:
             raise StoreError(f"{shard.path}: shard has no column(s) {', '.join(absent)} (scored without "
                              "per-token log-probs)")
-        positions = sorted(rows)
-        table = shard.read(positions, cols).select(cols)
-        raise_defects(check_rows(table, shard=str(shard.path), rows=positions), hint=self._damaged_hint())
-        return table
+        return shard.read(rows, cols).select(cols)
 
     def _check_duplicates(self, h: str, locs: list[tuple[str, int]]) -> None:
         """The same example in several rows must carry identical reference values."""

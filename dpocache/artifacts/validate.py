@@ -82,14 +82,19 @@ class _Rows:
     def __init__(self, table: pa.Table):
         self.table = table
         self.found: list[tuple[int, str]] = []
+        self._columns: dict[str, pa.Array] = {}
 
     def column(self, name: str) -> pa.Array | None:
         if name not in self.table.column_names:
             return None
-        return self.table.column(name).combine_chunks()
+        if name not in self._columns:
+            self._columns[name] = self.table.column(name).combine_chunks()
+        return self._columns[name]
 
     def flag(self, bad: np.ndarray, problem) -> None:
         """``problem(i)`` for every row ``i`` where ``bad`` is true."""
+        if not bad.any():
+            return
         for i in np.flatnonzero(bad):
             self.found.append((int(i), problem(int(i))))
 
@@ -159,8 +164,8 @@ def _check_token_logps(rows: _Rows, side: str, n: int, tokens: pa.Array, mask_le
 def _nulls(rows: _Rows) -> bool:
     """Flag null values (a store column is never null); True when any were found."""
     for name in rows.table.column_names:
-        column = rows.column(name)
-        if column.null_count:
+        if rows.table.column(name).null_count:
+            column = rows.column(name)
             rows.flag(column.is_null().to_numpy(zero_copy_only=False), lambda i, name=name: f"{name} is null")
     return bool(rows.found)
 
