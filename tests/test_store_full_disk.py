@@ -33,8 +33,7 @@ class SmallDisk:
     def __init__(self, path: Path, monkeypatch, want_tmpfs: bool):
         self.path = path
         self.budget: int | None = None
-        self.tmpfs = want_tmpfs and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True).returncode == 0
+        self.tmpfs = want_tmpfs and _mount_tmpfs(path)
         if not self.tmpfs:
             real_open = open
 
@@ -63,6 +62,15 @@ class SmallDisk:
     def close(self) -> None:
         if self.tmpfs:
             subprocess.run(["umount", "-l", str(self.path)], check=True)
+
+
+def _mount_tmpfs(path: Path) -> bool:
+    """Mount a 2 MiB tmpfs on ``path``; False where this process may not (not root, no mount command)."""
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True)
+    except OSError:
+        return False
+    return done.returncode == 0
 
 
 class _Budgeted:

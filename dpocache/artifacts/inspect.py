@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from dpocache.artifacts.cleanup import orphan_files
 from dpocache.artifacts.lists import list_role, read_list_file, role_word
@@ -68,38 +69,41 @@ class _Accumulator:
         self.defects += defects[: max(0, _DEFECTS_SHOWN - len(self.defects))]
 
 
-def _open_shards(root: Path, manifest: Manifest, verify: bool) -> tuple[list[dict], list, list[pa.ChunkedArray]]:
-    """Check every shard (size, footer, row count, schema; sha256 when ``verify``) and read its hashes."""
-    infos, opened, hashes = [], [], []
+def _check_shards(root: Path, manifest: Manifest, verify: bool) -> tuple[list[dict], list[pa.ChunkedArray]]:
+    """Check every shard (size, footer, row count, schema; sha256 when ``verify``) and read its hashes (one file
+    open at a time)."""
+    infos, hashes = [], []
     for entry in manifest.shards:
         info = {"path": entry["path"], "rows": entry["rows"], "bytes": entry.get("bytes"), "ok": True}
         try:
-            pf = check_shard(root, entry, verify=verify)
-            info["token_logps"] = all(c in pf.schema_arrow.names for c in TOKEN_COLUMNS)
-            hashes.append(read_groups(root / entry["path"], pf, list(range(pf.num_row_groups)), ["hash"])
-                          .column("hash"))
-            opened.append((info, pf))
+            with check_shard(root, entry, verify=verify) as pf:
+                info["token_logps"] = all(c in pf.schema_arrow.names for c in TOKEN_COLUMNS)
+                hashes.append(read_groups(root / entry["path"], pf, list(range(pf.num_row_groups)), ["hash"])
+                              .column("hash"))
         except (StoreError, OSError) as exc:
             info.update(ok=False, problem=str(exc))
         infos.append(info)
-    return infos, opened, hashes
+    return infos, hashes
 
 
-def _read_rows(root: Path, opened: list, verify: bool, duplicated: set[str], acc: _Accumulator) -> None:
-    """Statistics (and with ``verify``, :func:`check_rows`) over every row group of every opened shard."""
+def _read_rows(root: Path, shards: list[dict], verify: bool, duplicated: set[str], acc: _Accumulator) -> None:
+    """Statistics (and with ``verify``, :func:`check_rows`) over every row group of every sound shard."""
     seen = Duplicates(track=duplicated)
-    for info, pf in opened:
+    for info in shards:
+        if not info["ok"]:
+            continue
         path = root / info["path"]
         found = 0
         try:
-            for first, table in iter_row_groups(path, pf, None if verify else _STAT_COLUMNS):
-                if verify:
-                    defects = check_rows(table, shard=str(path), first_row=first, duplicates=seen)
-                    found += len(defects)
-                    acc.add_defects(defects)
-                acc.add(table)
-        except StoreError as exc:
-            info.update(ok=False, problem=str(exc))
+            with pq.ParquetFile(path) as pf:
+                for first, table in iter_row_groups(path, pf, None if verify else _STAT_COLUMNS):
+                    if verify:
+                        defects = check_rows(table, shard=str(path), first_row=first, duplicates=seen)
+                        found += len(defects)
+                        acc.add_defects(defects)
+                    acc.add(table)
+        except (StoreError, pa.ArrowException, OSError) as exc:
+            info.update(ok=False, problem=str(exc) if isinstance(exc, StoreError) else f"{path}: unreadable ({exc})")
         if found:
             info.update(ok=False, defects=found)
 
@@ -123,12 +127,12 @@ def inspect_store(path, *, verify: bool = False, dataset_hashes: list[str] | Non
     anything fails; ``problems`` names each failure (shard, row and example for a bad row)."""
     root = Path(path)
     manifest = read_manifest(root)
-    shards, opened, hash_columns = _open_shards(root, manifest, verify)
+    shards, hash_columns = _check_shards(root, manifest, verify)
     counts = pc.value_counts(pa.chunked_array(hash_columns, pa.string()))
     unique, repeats = counts.field("values"), counts.field("counts")
     duplicated = set(pc.filter(unique, pc.greater(repeats, 1)).to_pylist())
     acc = _Accumulator()
-    _read_rows(root, opened, verify, duplicated, acc)
+    _read_rows(root, shards, verify, duplicated, acc)
     problems = [s["problem"] for s in shards if "problem" in s] + [str(d) for d in acc.defects]
     if acc.defect_count > len(acc.defects):
         problems.append(f"... and {acc.defect_count - len(acc.defects)} more bad row(s)")
