@@ -69,9 +69,8 @@ def refused_by_verify(store, capsys, *fragments: str) -> None:
     assert not report["ok"] and report["bad_rows"] >= 1 and report["defects"][0]["hash"] in problems[0]
 
 
-def refused_by_both(store, model, tmp_path, capsys, *fragments: str) -> None:
-    """inspect --verify exits 1 naming the defect; train exits 2 with one line naming it, and saves nothing."""
-    refused_by_verify(store, capsys, *fragments)
+def refused_by_train(store, model, tmp_path, capsys, *fragments: str) -> None:
+    """train exits 2 with one line naming the store's defect (its shard and example), and saves nothing."""
     assert main(train_args(model, store, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 1 and all(f in err for f in fragments), err
@@ -88,7 +87,8 @@ def test_resealed_rows_are_refused_by_verify_and_by_training(store, tiny_model_d
     assert main(["inspect", str(store), "--verify"]) == 0  # clean before
     capsys.readouterr()
     path, bad_hash = reseal(store, 1, lambda t: set_value(t, column, 1, value))
-    refused_by_both(store, tiny_model_dir, tmp_path, capsys, f"{path}: row 1 (example {bad_hash})", message)
+    refused_by_verify(store, capsys, f"{path}: row 1 (example {bad_hash})", message)
+    refused_by_train(store, tiny_model_dir, tmp_path, capsys, str(path), "row 1", bad_hash)
 
 
 def test_per_token_values_that_disagree_with_the_sum_are_refused(store, capsys):
@@ -116,8 +116,10 @@ def test_one_example_with_different_values_in_two_shards_is_refused(store, tiny_
     with ReferenceStore.create_or_open(store, first.identity) as writer_store, writer_store.writer() as w:
         w.add(row)  # another writer, another shard: the store keeps both rows
     second = store / ReferenceStore.open(store).shards[-1]["path"]
-    refused_by_both(store, tiny_model_dir, tmp_path, capsys, f"{second}: row 0 (example {row['hash']})",
-                    f"different reference values than in {shard0} row 2", "ref_chosen_logps")
+    refused_by_verify(store, capsys, f"{second}: row 0 (example {row['hash']})",
+                      f"different reference values than in {shard0} row 2", "ref_chosen_logps")
+    rel = [str(p.relative_to(store)) for p in (shard0, second)]
+    refused_by_train(store, tiny_model_dir, tmp_path, capsys, row["hash"], "different reference values", *rel)
 
 
 def test_equal_duplicates_pass_both(store, tiny_model_dir, tmp_path, capsys):
