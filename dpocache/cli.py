@@ -207,13 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="print the summary as one JSON object")
         add_fields_to_parser(p, _classes(name), aliases=ALIASES)
     p = sub.add_parser("inspect", help="Describe (and verify) a reference store.",
-                       description="Identity, shards, rows, bytes, named lists and statistics of a store.")
+                       description="The reference that scored a store (model, dtype, backend, dates, library "
+                                   "versions), then its identity, shards, rows, bytes, named lists and statistics.")
     p.add_argument("store", help="store directory")
-    p.add_argument("--verify", action="store_true", help="check every checksum and Parquet footer")
+    p.add_argument("--verify", action="store_true",
+                   help="check every checksum and every row (the checks training runs), naming each bad row")
     p.add_argument("--json", action="store_true", dest="json_output", help="print one JSON object")
     p.add_argument("--dataset", help="report how many examples of this dataset the store covers")
     p.add_argument("--tokenizer_name_or_path", "--tokenizer-name-or-path",
-                   help="tokenizer for --dataset (the reference model's)")
+                   help="tokenizer for --dataset (default: the reference model the store's manifest records)")
     p = sub.add_parser("store", help="Store maintenance (merge).")
     store_sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
     m = store_sub.add_parser("merge", help="Merge sub-stores scored in parallel into one store.")
@@ -339,21 +341,45 @@ def _cmd_inspect(args) -> int:
 def _dataset_hashes(args) -> list[str]:
     """Tokenize --dataset exactly as the store's reference identity says, and return its example list."""
     from dpocache.artifacts import ReferenceStore
+    from dpocache.artifacts.identity import tokenizer_fingerprint
     from dpocache.data import DataConfig, load_preference_data
     from dpocache.modeling import load_tokenizer
 
-    if not args.tokenizer_name_or_path:
-        raise ConfigError("inspect --dataset needs --tokenizer_name_or_path (the reference model's tokenizer)")
     store = ReferenceStore.open(args.store, verify=False)
     ident, info = store.identity, store.versions
+    name, revision = _inspect_tokenizer(args, info)
     cfg = DataConfig(dataset=args.dataset, max_seq_length=ident.get("max_seq_length"),
                      mask_mode=ident.get("mask_mode", "all_assistant"), add_bos=bool(ident.get("add_bos")))
-    tok = load_tokenizer(args.tokenizer_name_or_path)
+    tok = load_tokenizer(name, revision=revision)
     if info.get("chat_template"):
         tok.chat_template = info["chat_template"]
     if info.get("pad_token") and tok.pad_token != info["pad_token"]:
         tok.add_special_tokens({"pad_token": info["pad_token"]})
+    expected = ident.get("tokenizer_sha256")
+    if expected is not None and tokenizer_fingerprint(tok) != expected:
+        raise ConfigError(f"inspect --dataset: the tokenizer {name} differs from the one {args.store} was scored "
+                          f"with (tokenizer_sha256 {tokenizer_fingerprint(tok)[:12]} != {expected[:12]}); pass the "
+                          "reference model's tokenizer with --tokenizer_name_or_path")
     return load_preference_data(cfg, tok, progress=False).hashes
+
+
+def _inspect_tokenizer(args, info: dict) -> tuple[str, str | None]:
+    """(tokenizer, revision) for inspect --dataset: --tokenizer_name_or_path, else the one the manifest records."""
+    from dpocache.modeling import local_model_dir
+
+    if args.tokenizer_name_or_path:
+        return args.tokenizer_name_or_path, None
+    name = info.get("tokenizer_name") or info.get("model_name")
+    revision = info.get("model_revision")
+    if not name:
+        raise ConfigError(f"inspect --dataset: the manifest of {args.store} records no reference model; pass "
+                          "--tokenizer_name_or_path (the reference model's tokenizer)")
+    local = local_model_dir(name, revision)
+    if local is None:
+        raise ConfigError(f"inspect --dataset: {args.store} was scored with '{name}'"
+                          + (f" (revision {revision})" if revision else "") + ", which is not available on this "
+                          "machine; pass --tokenizer_name_or_path (the reference model's tokenizer)")
+    return str(local), None
 
 
 def _cmd_store(args) -> int:

@@ -7,6 +7,9 @@ Contract:
 - :func:`disk_errors` turns "no space left on device" / "disk quota exceeded" into :class:`DiskFullError`,
   one line that names the path, the space free and (when known) the space needed. Whatever was being
   written is removed by the caller's cleanup (every writer here removes its temporary file on failure).
+- :func:`synced_new_file` is for writers that produce a file themselves (a Parquet writer, a copy): it
+  yields the open file, fsyncs it when the block ends and removes it on any failure;
+  :func:`copy_file_synced` copies with it; :func:`replace_synced` renames into place durably.
 """
 
 from __future__ import annotations
@@ -69,7 +72,11 @@ def free_bytes(path: str | Path) -> int | None:
 
 
 def _mib(n: int | None) -> str:
-    return "unknown" if n is None else f"{n / 2**20:,.1f} MiB"
+    """A byte count for people: KiB below 1 MiB, GiB from 1 GiB, else MiB."""
+    if n is None:
+        return "unknown"
+    unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if n >= s or u == "KiB")
+    return f"{n / scale:,.1f} {unit}"
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -128,3 +135,34 @@ def atomic_write_json(path: str | Path, payload, *, indent: int | None = 2) -> N
 
 def remove_tree(path: str | Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def synced_new_file(path: str | Path, *, name: str | Path | None = None, needed: int | None = None,
+                    what: str = "writing"):
+    """Open ``path`` (a new, temporary name) for binary writing and yield the file. When the block ends the
+    file is flushed and fsynced; on any failure it is closed and removed. A full disk becomes
+    :class:`DiskFullError` naming ``name`` (default ``path``) and the ``needed`` bytes."""
+    path = Path(path)
+    with disk_errors(name or path, needed=needed, what=what):
+        try:
+            with open(path, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+
+def copy_file_synced(source: str | Path, dest: str | Path, *, name: str | Path | None = None) -> None:
+    """Copy ``source`` to ``dest`` (a new, temporary name) and fsync it; nothing is left behind on failure."""
+    with open(source, "rb") as src, synced_new_file(dest, name=name, needed=os.fstat(src.fileno()).st_size,
+                                                    what="copying") as dst:
+        shutil.copyfileobj(src, dst, _CHUNK)
+
+
+def replace_synced(source: str | Path, dest: str | Path) -> None:
+    """Rename ``source`` over ``dest`` and make the rename durable (directory fsync)."""
+    os.replace(source, dest)
+    fsync_dir(Path(dest).parent)

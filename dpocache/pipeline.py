@@ -112,7 +112,7 @@ def stage_one(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConf
     heldout = None
     if held_data is not None:
         held_score = dataclasses.replace(score_cfg, store=first.store, store_dataset=f"{first.list_name}-heldout")
-        heldout = run_score(model_cfg, held_data, held_score, vllm_options, progress=progress)
+        heldout = run_score(model_cfg, held_data, held_score, vllm_options, progress=progress, list_role="heldout")
     scored = first.scored + (heldout.scored if heldout else 0)
     _barrier()  # under a multi-process launch, every rank's part must be in the store before training
     return StageOne(first.store, first.list_name, heldout.list_name if heldout else None, first.examples, scored,

@@ -43,6 +43,9 @@ def test_mixer_fractions_counts_upsampling_and_determinism(tokenizer, tmp_path):
     assert len(up.hashes) == 25 and len(up.dataset) == 10  # repeats train, unique examples are scored once
     assert dict(zip(*counts)) == {2: 5, 3: 5}
     assert len(prepared(tokenizer, mixer_list=[str(b), "13"]).hashes) == 13  # a count above the size upsamples
+    capped = prepared(tokenizer, mixer_list=[str(a), "1.0", str(b), "1.0"], max_train_samples=12)
+    assert len(capped.hashes) == 12
+    assert capped.name == "a+b"  # readable: the sources' names (a store keeps names unique per mixture digest)
 
 
 def test_dataset_is_shorthand_and_splits_pick_files(tokenizer, tmp_path):
@@ -53,6 +56,7 @@ def test_dataset_is_shorthand_and_splits_pick_files(tokenizer, tmp_path):
     assert len(prepared(tokenizer, dataset=str(folder)).dataset) == 4
     both = prepared(tokenizer, mixer_list=[str(folder), "1.0", str(folder), "1.0"], mixer_list_splits=["train", "test"])
     assert [s["kept"] for s in both.stats["sources"]] == [4, 3]
+    assert both.name == "data+data.test"  # a split other than train is part of the name
     assert prepared(tokenizer, dataset=str(folder)).hashes == \
         prepared(tokenizer, mixer_list=[str(folder), "1.0"]).hashes
 

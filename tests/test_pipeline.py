@@ -9,6 +9,7 @@ import torch
 from conftest import conversational_rows, write_jsonl
 from transformers import AutoModelForCausalLM
 
+from dpocache.artifacts import ReferenceStore
 from dpocache.cli import main
 from dpocache.stages.train.tracking import read_jsonl
 
@@ -40,7 +41,9 @@ def test_run_end_to_end_then_reuse(tiny_model_dir, data_files, tmp_path, capsys)
         assert key in summary
     assert summary["stage_one_skipped"] is False
     assert summary["examples_scored"] == 24 + 8
-    assert (store / "manifest.json").is_file()
+    lists = ReferenceStore.open(store).list_entries()  # the held-out list is marked as such
+    assert {name: (e["count"], e["role"]) for name, e in lists.items()} == {"train": (24, "train"),
+                                                                           "train-heldout": (8, "heldout")}
 
     rows = read_jsonl(out / "metrics.jsonl")
     assert len(rows) == summary["train_steps"] // 2
@@ -60,6 +63,10 @@ def test_run_end_to_end_then_reuse(tiny_model_dir, data_files, tmp_path, capsys)
     again = json.loads((out2 / "summary.json").read_text())
     assert again["stage_one_skipped"] is True and again["examples_scored"] == 0
     assert "nothing to score" in capsys.readouterr().out
+    # train on the store alone: the training list is the default, the held-out list is never picked
+    assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--store", str(store), "--output_dir",
+                 str(tmp_path / "out3"), "--max_train_steps", "1", "--per_device_train_batch_size", "4"]) == 0
+    assert "24 examples from list 'train' of" in capsys.readouterr().out
 
 
 def test_score_then_train_from_store_alone(tiny_model_dir, data_files, tmp_path):

@@ -175,7 +175,9 @@ def test_inspect_reports_content(store_dir):
 
 def test_non_finite_reference_values_stop_stage_two_even_unverified(store_dir):
     """A shard rewritten with a NaN reference sum (manifest edited to match its size) passes an unverified open;
-    loading the examples for training still refuses it, naming the row."""
+    loading the examples for training still refuses it, naming the shard, row and example."""
+    import re
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -190,7 +192,8 @@ def test_non_finite_reference_values_stop_stage_two_even_unverified(store_dir):
     edit_manifest(store_dir, lambda m: m["shards"][0].update(bytes=shard.stat().st_size))
     first = table.column("hash")[0].as_py()
     store = ReferenceStore.open(store_dir, verify=False)
-    with pytest.raises(StoreError, match=f"1 row\\(s\\) hold reference values training cannot use .*example {first}"):
+    with pytest.raises(StoreError, match=re.escape(f"{shard}: row 0 (example {first}): ref_chosen_logps is not a "
+                                                   "finite number (nan)")):
         build_index(store, HASHES, allow_missing=False, verify=False)
     with pytest.raises(StoreError, match="checksum mismatch"):
         build_index(ReferenceStore.open(store_dir), HASHES, allow_missing=False, verify=True)

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from dpocache.artifacts.manifest import Manifest
-from dpocache.files import TMP_PREFIX
+from dpocache.files import TMP_PREFIX, disk_errors
 
 WRITERS_DIR = ".writers"
 SHARD_DIR = "shards"
@@ -33,8 +33,9 @@ class WriterLock:
     def __init__(self, root: Path):
         self.id = uuid.uuid4().hex
         self.path = root / WRITERS_DIR / f"{self.id}.lock"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "w")
+        with disk_errors(self.path, what="registering a writer"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "w")
         fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def temp_shard_name(self, final_name: str) -> str:

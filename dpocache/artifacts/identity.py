@@ -5,10 +5,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import re
+import time
 from pathlib import Path
 
-from dpocache.files import atomic_write_json, dpocache_home, file_sha256
+from dpocache.console import warn
+from dpocache.files import DiskFullError, atomic_write_json, disk_errors, dpocache_home, file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -40,30 +43,60 @@ def _weight_files(path: Path) -> list[Path]:
     return candidates((".safetensors",)) or candidates(WEIGHT_SUFFIXES)
 
 
+_CACHE_FORMAT = 2
+_RACY_NS = 100_000_000  # files changed this recently are not cached: a rewrite in the same clock tick keeps ctime
+
+
 def _cache_path() -> Path:
     return dpocache_home() / "hash-cache.json"
 
 
-def _load_cache() -> dict:
+def _stat_key(st: os.stat_result) -> list[int]:
+    """What says a file is unchanged: device, inode, size, mtime and ctime (ns). A file rewritten in place with
+    its size and mtime restored still gets a new ctime, which no user can set back."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _load_cache() -> dict[str, dict]:
+    """path -> {"stat": [dev, ino, size, mtime_ns, ctime_ns], "sha256": hex}; {} when missing, corrupt or older."""
     try:
         data = json.loads(_cache_path().read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return {}  # missing or corrupt: rebuilt as files are hashed
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT or not isinstance(data.get("files"), dict):
         return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str) and len(v) == 64}
+    return {k: v for k, v in data["files"].items()
+            if isinstance(v, dict) and isinstance(v.get("sha256"), str) and len(v["sha256"]) == 64
+            and isinstance(v.get("stat"), list)}
 
 
-def _save_cache(entries: dict) -> None:
-    """Merge ``entries`` into the cache file (atomic replace; stale entries of the same files dropped)."""
+def _save_cache(entries: dict[str, dict | None]) -> None:
+    """Merge ``entries`` into the cache file under its lock (atomic replace); a None entry drops that path."""
     path = _cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(".hash-cache.lock"), "a+") as lock:
+    with disk_errors(path, what="creating the weights-hash cache"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(".hash-cache.lock"), "a+")
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        updated = {key.rsplit("|", 2)[0] for key in entries}
-        merged = {k: v for k, v in _load_cache().items() if k.rsplit("|", 2)[0] not in updated}
+        merged = _load_cache()
         merged.update(entries)
-        atomic_write_json(path, dict(sorted(merged.items())), indent=1)
+        files = {k: v for k, v in sorted(merged.items()) if v is not None}
+        atomic_write_json(path, {"format": _CACHE_FORMAT, "files": files}, indent=1)
+
+
+def _file_digest(f: Path, cache: dict[str, dict], fresh: dict[str, dict | None]) -> str:
+    """sha256 of one weight file: from the cache when its stat key is unchanged, else read (and recorded in
+    ``fresh``, unless the file changed while it was read or too recently to trust its ctime)."""
+    before = _stat_key(f.stat())
+    entry = cache.get(str(f))
+    if entry is not None and entry["stat"] == before:
+        return entry["sha256"]
+    started = time.time_ns()
+    digest = file_sha256(f)
+    after = _stat_key(f.stat())
+    stable = after == before and before[4] < started - _RACY_NS
+    fresh[str(f)] = {"stat": after, "sha256": digest} if stable else None
+    return digest
 
 
 def weights_fingerprint(path: str | Path) -> str:
@@ -71,8 +104,9 @@ def weights_fingerprint(path: str | Path) -> str:
 
     Definition: ``sha256("dpocache-weights-v1\0" + for each file sorted by relative POSIX path:
     relpath + "\0" + sha256_hex(file bytes) + "\0")``; a single file's relpath is its name. Per-file
-    digests are cached in ``$DPOCACHE_HOME/hash-cache.json`` keyed by absolute path, size and mtime_ns, so
-    a large model is read once; a changed file is hashed again.
+    digests are cached in ``$DPOCACHE_HOME/hash-cache.json`` keyed by absolute path and the file's device,
+    inode, size, mtime_ns and ctime_ns, so a large model is read once; a file whose key differs in any field
+    is hashed again. A cache that cannot be written (read-only or full home) costs a warning and re-hashing.
     """
     root = Path(path).expanduser().resolve()
     if not root.exists():
@@ -83,18 +117,14 @@ def weights_fingerprint(path: str | Path) -> str:
     cache, fresh = _load_cache(), {}
     outer = hashlib.sha256(b"dpocache-weights-v1\0")
     for f in files:
-        st = f.stat()
-        key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
-        digest = cache.get(key) or fresh.get(key)
-        if digest is None:
-            digest = fresh[key] = file_sha256(f)
+        digest = _file_digest(f, cache, fresh)
         rel = f.name if root.is_file() else f.relative_to(root).as_posix()
         outer.update(rel.encode() + b"\0" + digest.encode() + b"\0")
     if fresh:
         try:
             _save_cache(fresh)
-        except OSError:
-            pass  # a read-only home only costs re-hashing next time
+        except (OSError, DiskFullError) as exc:
+            warn(f"weights-hash cache not saved ({exc}); the weights will be hashed again next time")
     return outer.hexdigest()
 
 

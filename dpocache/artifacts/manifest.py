@@ -7,9 +7,10 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from dpocache.files import atomic_write_bytes
+from dpocache.files import atomic_write_bytes, disk_errors, is_disk_full
 
 STORE_FORMAT = "dpocache-reference-store"
 STORE_FORMAT_VERSION = 1
@@ -30,11 +31,20 @@ class Manifest:
     identity: dict
     versions: dict = field(default_factory=dict)
     shards: list[dict] = field(default_factory=list)  # {"path", "rows", "bytes", "sha256"}
-    lists: dict[str, dict] = field(default_factory=dict)  # name -> {"path", "count", "sha256"}
+    lists: dict[str, dict] = field(default_factory=dict)  # name -> {"path", "count", "sha256"[, "role", ...]}
+    created_at: str | None = None  # UTC, ISO 8601: when the store was created (None: an older store)
+    scored_at: str | None = None   # UTC, ISO 8601: when rows were last added
 
     def to_json(self) -> dict:
-        return {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION, "identity": self.identity,
-                "versions": self.versions, "shards": self.shards, "lists": self.lists}
+        out = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION}
+        out.update({k: v for k, v in (("created_at", self.created_at), ("scored_at", self.scored_at)) if v})
+        out.update(identity=self.identity, versions=self.versions, shards=self.shards, lists=self.lists)
+        return out
+
+
+def utc_now() -> str:
+    """The current time as the manifest records it (UTC, ISO 8601, seconds)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def normalize_identity(identity: dict, *, where: str = "identity") -> dict:
@@ -90,6 +100,9 @@ def _check_entry(path: Path, root: Path, entry: object, what: str, count_key: st
         raise StoreError(f"{path}: {what} entry {entry['path']!r} has an invalid bytes ({entry['bytes']!r})")
     if not isinstance(entry["sha256"], str) or len(entry["sha256"]) != 64:
         raise StoreError(f"{path}: {what} entry {entry['path']!r} has an invalid sha256 ({entry['sha256']!r})")
+    for key in ("role", "mixture_sha256"):  # optional list fields (older stores have none)
+        if key in entry and not isinstance(entry[key], str):
+            raise StoreError(f"{path}: {what} entry {entry['path']!r} has an invalid {key} ({entry[key]!r})")
     safe_relpath(root, entry["path"], what=what)
 
 
@@ -114,7 +127,8 @@ def read_manifest(root: Path) -> Manifest:
         raise StoreError(f"{path}: malformed manifest (identity must be an object, shards a list, lists an "
                          "object)")
     versions = data.get("versions", {})
-    manifest = Manifest(identity, versions if isinstance(versions, dict) else {}, shards, lists)
+    stamps = [data.get(k) if isinstance(data.get(k), str) else None for k in ("created_at", "scored_at")]
+    manifest = Manifest(identity, versions if isinstance(versions, dict) else {}, shards, lists, *stamps)
     seen: set[str] = set()
     for entry in shards:
         _check_entry(path, root, entry, "shard", "rows")
@@ -147,11 +161,15 @@ def store_lock(root: Path):
     """Exclusive lock around read-modify-write of the manifest (works across processes)."""
     if root.exists() and not root.is_dir():
         raise StoreError(f"{root}: exists and is not a directory; a store is a directory")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"{root}: cannot create the store directory ({exc.strerror or exc})") from None
-    with open(root / LOCK, "a+") as fh:
+    with disk_errors(root / LOCK, what="creating the store directory and its lock"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise
+            raise StoreError(f"{root}: cannot create the store directory ({exc.strerror or exc})") from None
+        fh = open(root / LOCK, "a+")
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

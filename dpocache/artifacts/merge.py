@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from dpocache.artifacts.lists import list_role
 from dpocache.artifacts.manifest import IdentityMismatchError, StoreError, identity_diff
-from dpocache.artifacts.shards import VALUE_COLUMNS
+from dpocache.artifacts.shards import VALUE_COLUMNS, iter_row_groups
 from dpocache.artifacts.store import ReferenceStore
+from dpocache.artifacts.validate import check_rows, raise_defects
 
 
 def _open_sources(dst: Path, sources: list) -> list[ReferenceStore]:
@@ -42,6 +44,9 @@ def _check_overlap(target: ReferenceStore, source_path: Path, table, overlap: li
 def _merge_shard(target: ReferenceStore, source: ReferenceStore, entry: dict, have: set[str]) -> int:
     """Copy one source shard's rows that ``target`` lacks; returns the number of rows copied."""
     shard = source._shard(entry["path"])  # verified (size, sha256, footer, schema) on first open
+    for first, table in iter_row_groups(shard.path, shard.pf):  # rows checked as every reader checks them
+        raise_defects(check_rows(table, shard=str(shard.path), first_row=first),
+                      hint=f"; refusing to merge {source.root}")
     cheap = pq.read_table(shard.path, columns=["hash", *VALUE_COLUMNS])
     hashes = cheap.column("hash").to_pylist()
     overlap = [i for i, h in enumerate(hashes) if h in have]
@@ -58,15 +63,19 @@ def _merge_shard(target: ReferenceStore, source: ReferenceStore, entry: dict, ha
     return len(fresh)
 
 
-def _merged_lists(sources: list[ReferenceStore]) -> dict[str, list[str]]:
-    """Lists with one name: identical in every source -> that list; otherwise concatenated in source order."""
+def _merged_lists(sources: list[ReferenceStore]) -> dict[str, tuple[list[str], str, str | None]]:
+    """name -> (hashes, role, mixture digest). Lists with one name: identical in every source -> that list;
+    otherwise concatenated in source order. Role and digest come from the first source holding the list."""
     by_name: dict[str, list[list[str]]] = {}
+    meta: dict[str, tuple[str, str | None]] = {}
     for store in sources:
-        for name in store.lists():
+        for name, entry in store.list_entries().items():
             by_name.setdefault(name, []).append(store.get_list(name))
+            meta.setdefault(name, (list_role(entry), entry.get("mixture_sha256")))
     out = {}
     for name, parts in by_name.items():
-        out[name] = parts[0] if all(p == parts[0] for p in parts) else [h for p in parts for h in p]
+        hashes = parts[0] if all(p == parts[0] for p in parts) else [h for p in parts for h in p]
+        out[name] = (hashes, *meta[name])
     return out
 
 
@@ -82,8 +91,8 @@ def merge_stores(dst, sources: list) -> dict:
         for store in opened:
             for entry in store.shards:
                 copied += _merge_shard(target, store, entry, have)
-        for name, hashes in _merged_lists(opened).items():
-            target.record_list(name, hashes)
+        for name, (hashes, role, mixture) in _merged_lists(opened).items():
+            target.record_list(name, hashes, role=role, mixture_sha256=mixture)
         return {"store": str(dst), "sources": [str(s.root) for s in opened], "rows_copied": copied,
                 "rows": target.num_rows(), "examples": len(target.hashes()), "shards": len(target.shards),
                 "lists": target.lists()}

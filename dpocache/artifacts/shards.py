@@ -1,11 +1,14 @@
-"""Shard schema, row validation, Arrow table building and atomic, verified shard files."""
+"""Shard schema, row normalisation, Arrow table building and atomic, verified shard files.
+
+:func:`normalize_row` checks a row's structure (columns, types, shapes) and converts it to the schema's
+dtypes; what the values mean (masks, sums, counts, per-token values) is checked by
+:func:`dpocache.artifacts.validate.check_rows`, the same function every reader runs.
+"""
 
 from __future__ import annotations
 
 import numbers
-import os
 import re
-import shutil
 import uuid
 from pathlib import Path
 
@@ -14,16 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpocache.artifacts.manifest import StoreError
-from dpocache.files import file_sha256, fsync_dir
+from dpocache.artifacts.validate import SIDES, VALUE_COLUMNS
+from dpocache.files import copy_file_synced, disk_errors, file_sha256, replace_synced, synced_new_file
 
 SHARD_DIR = "shards"
 ROW_GROUP_ROWS = 64  # small row groups: a training batch reads a few of them, never a whole shard
 COMPRESSION = "zstd"
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
-LOGP_SUM_TOLERANCE = 1e-3  # a sum of log-probs may exceed 0 only by rounding
-SIDES = ("chosen", "rejected")
 TOKEN_COLUMNS = ("ref_chosen_token_logps", "ref_rejected_token_logps")
-VALUE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens")
+__all__ = ["SIDES", "VALUE_COLUMNS"]  # re-exported for the store's modules
 
 BASE_FIELDS = [
     pa.field("hash", pa.string(), nullable=False),
@@ -62,56 +64,30 @@ def _int_vector(row_name: str, column: str, value, dtype) -> np.ndarray:
 def _real(row_name: str, column: str, value) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise StoreError(f"row {row_name}: {column} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise StoreError(f"row {row_name}: {column} is not a finite number ({value!r})")
-    return value
+    return float(value)
 
 
-def _side(row: dict, name: str, side: str, with_tokens: bool) -> dict:
-    ids = _int_vector(name, f"{side}_input_ids", row[f"{side}_input_ids"], np.int32)
-    mask = _int_vector(name, f"{side}_mask", row[f"{side}_mask"], np.int8)
-    if mask.size != ids.size:
-        raise StoreError(f"row {name}: {side} mask length {mask.size} != ids length {ids.size}")
-    if ((mask != 0) & (mask != 1)).any():
-        raise StoreError(f"row {name}: {side}_mask must hold only 0 and 1")
-    if mask[0] != 0:
-        raise StoreError(f"row {name}: {side}_mask[0] is 1, but the first token has no log-prob (must be 0)")
-    total = _real(name, f"ref_{side}_logps", row[f"ref_{side}_logps"])
-    if total > LOGP_SUM_TOLERANCE:
-        raise StoreError(f"row {name}: ref_{side}_logps = {total} > 0 is not a log-probability sum")
-    count = row[f"ref_{side}_tokens"]
-    if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
-        raise StoreError(f"row {name}: ref_{side}_tokens must be an integer, got {type(count).__name__} {count!r}")
-    if int(count) != int(mask.sum()):
-        raise StoreError(f"row {name}: ref_{side}_tokens {count} != trainable tokens in mask {int(mask.sum())}")
-    out = {f"{side}_input_ids": ids, f"{side}_mask": mask, f"ref_{side}_logps": total,
-           f"ref_{side}_tokens": int(count)}
-    if with_tokens:
-        out[f"ref_{side}_token_logps"] = _token_logps(row, name, side, mask, total)
-    return out
+def _count(row_name: str, column: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise StoreError(f"row {row_name}: {column} must be an integer, got {type(value).__name__} {value!r}")
+    if not _INT32.min <= int(value) <= _INT32.max:
+        raise StoreError(f"row {row_name}: {column} = {value} is outside int32")
+    return int(value)
 
 
-def _token_logps(row: dict, name: str, side: str, mask: np.ndarray, total: float) -> np.ndarray:
-    column = f"ref_{side}_token_logps"
+def _float_vector(row_name: str, column: str, value) -> np.ndarray:
     try:
-        tok = np.asarray(row[column], dtype=np.float32)
+        arr = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError) as exc:
-        raise StoreError(f"row {name}: {column} is not a float sequence ({exc})") from None
-    if tok.ndim != 1 or tok.size != mask.size:
-        raise StoreError(f"row {name}: {column} length {tok.size} != ids length {mask.size}")
-    if not np.isfinite(tok).all():
-        raise StoreError(f"row {name}: {column} holds NaN or infinite values")
-    if (tok[mask == 0] != 0).any():
-        raise StoreError(f"row {name}: {column} must be 0 where {side}_mask is 0")
-    summed = float(tok.sum(dtype=np.float64))
-    if abs(summed - total) > 1e-3 + 1e-4 * abs(total):
-        raise StoreError(f"row {name}: {column} sums to {summed}, but ref_{side}_logps is {total}")
-    return tok
+        raise StoreError(f"row {row_name}: {column} is not a float sequence ({exc})") from None
+    if arr.ndim != 1:
+        raise StoreError(f"row {row_name}: {column} must be a 1-D float sequence (shape {arr.shape})")
+    return arr
 
 
-def validate_row(row: dict) -> dict:
-    """Check a row and return it normalised (numpy arrays of the schema dtypes); errors name hash and defect."""
+def normalize_row(row: dict) -> dict:
+    """Check a row's structure and return it with numpy arrays of the schema dtypes; errors name the hash.
+    Its values are checked by :func:`~dpocache.artifacts.validate.check_rows`."""
     if not isinstance(row, dict):
         raise StoreError(f"a store row must be a dict, got {type(row).__name__}")
     name = row.get("hash", "<no hash>")
@@ -128,7 +104,13 @@ def validate_row(row: dict) -> dict:
         raise StoreError(f"row {name}: give both per-token columns ({', '.join(TOKEN_COLUMNS)}) or neither")
     out: dict = {"hash": name}
     for side in SIDES:
-        out.update(_side(row, name, side, present[0]))
+        out[f"{side}_input_ids"] = _int_vector(name, f"{side}_input_ids", row[f"{side}_input_ids"], np.int32)
+        out[f"{side}_mask"] = _int_vector(name, f"{side}_mask", row[f"{side}_mask"], np.int8)
+        out[f"ref_{side}_logps"] = _real(name, f"ref_{side}_logps", row[f"ref_{side}_logps"])
+        out[f"ref_{side}_tokens"] = _count(name, f"ref_{side}_tokens", row[f"ref_{side}_tokens"])
+        if present[0]:
+            column = f"ref_{side}_token_logps"
+            out[column] = _float_vector(name, column, row[column])
     return out
 
 
@@ -140,7 +122,7 @@ def _list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
-    """Normalised rows (from :func:`validate_row`) to a table with the explicit shard schema."""
+    """Normalised rows (from :func:`normalize_row`) to a table with the explicit shard schema."""
     with_tokens = TOKEN_COLUMNS[0] in rows[0]
     if any((TOKEN_COLUMNS[0] in r) != with_tokens for r in rows):
         raise StoreError("rows of one shard must all have the per-token columns or all lack them")
@@ -159,36 +141,27 @@ def new_shard_name() -> str:
     return f"shard-{uuid.uuid4().hex}.parquet"
 
 
-def write_temp_shard(path: Path, table: pa.Table) -> None:
-    """Write ``table`` to ``path`` (a temporary name) and fsync it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        pq.write_table(table, path, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS)
-        with open(path, "rb+") as fh:
-            os.fsync(fh.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+def write_temp_shard(path: Path, table: pa.Table, *, name: Path) -> None:
+    """Write ``table`` to ``path`` (a temporary name) and fsync it; nothing is left behind on failure, and a full
+    disk is a :class:`~dpocache.files.DiskFullError` naming ``name`` (the shard's final path)."""
+    with disk_errors(name, what="creating the shard directory"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with synced_new_file(path, name=name, needed=table.nbytes, what="writing a shard") as fh:
+        pq.write_table(table, fh, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS)
 
 
-def copy_file_synced(source: Path, dest: Path) -> None:
-    """Copy ``source`` to ``dest`` (a temporary name) and fsync it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copyfile(source, dest)
-        with open(dest, "rb+") as fh:
-            os.fsync(fh.fileno())
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
+def copy_temp_shard(source: Path, path: Path, *, name: Path) -> None:
+    """Copy an existing shard file to ``path`` (a temporary name) and fsync it (same guarantees)."""
+    with disk_errors(name, what="creating the shard directory"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    copy_file_synced(source, path, name=name)
 
 
 def publish_shard(tmp: Path, final: Path, rows: int) -> dict:
     """Rename into place (caller holds the store lock) and return the manifest entry."""
     entry = {"path": f"{SHARD_DIR}/{final.name}", "rows": rows, "bytes": tmp.stat().st_size,
              "sha256": file_sha256(tmp)}
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
+    replace_synced(tmp, final)
     return entry
 
 
@@ -217,7 +190,17 @@ def check_shard(root: Path, entry: dict, *, verify: bool) -> pq.ParquetFile:
     return pf
 
 
-def read_groups(path: Path, pf: pq.ParquetFile, groups: list[int], columns: list[str]) -> pa.Table:
+def iter_row_groups(path: Path, pf: pq.ParquetFile, columns: list[str] | None = None):
+    """(position of its first row, table) of each row group of an opened shard, in order: memory stays at one
+    row group (64 rows) whatever the shard's size."""
+    first = 0
+    for group in range(pf.num_row_groups):
+        table = read_groups(path, pf, [group], columns)
+        yield first, table
+        first += table.num_rows
+
+
+def read_groups(path: Path, pf: pq.ParquetFile, groups: list[int], columns: list[str] | None) -> pa.Table:
     """Read row groups of an opened shard; a decoding failure names the shard."""
     try:
         return pf.read_row_groups(groups, columns=columns)

@@ -2,9 +2,12 @@
 
 Writing: rows are validated, buffered and flushed as shards; each shard is written to a temporary file,
 fsynced, then (under the store lock) renamed into place and added to the manifest, which is replaced
-atomically. A crash loses at most the shard in flight. Several processes may write one store at once.
+atomically. A crash loses at most the shard in flight; a full disk is one :class:`DiskFullError` line and
+leaves no temporary file, no unlisted shard and the manifest as it was. Several processes may write one
+store at once.
 Reading: each shard is verified when first opened; rows are fetched by hash, in the requested order,
-reading only the row groups and columns needed.
+reading only the row groups and columns needed, and every row returned has passed
+:func:`~dpocache.artifacts.validate.check_rows` (with the same example's rows in other shards).
 """
 
 from __future__ import annotations
@@ -18,7 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpocache.artifacts.cleanup import WriterLock, clean_orphans
-from dpocache.artifacts.lists import check_hashes, check_list_name, read_list_file, write_list_file
+from dpocache.artifacts.lists import (
+    ROLE_TRAIN,
+    check_hashes,
+    check_list_name,
+    check_role,
+    describe_lists,
+    free_list_name,
+    list_role,
+    read_list_file,
+    write_list_file,
+)
 from dpocache.artifacts.manifest import (
     LOCK,
     MANIFEST,
@@ -29,6 +42,7 @@ from dpocache.artifacts.manifest import (
     normalize_identity,
     read_manifest,
     store_lock,
+    utc_now,
     write_manifest,
 )
 from dpocache.artifacts.shards import (
@@ -39,18 +53,20 @@ from dpocache.artifacts.shards import (
     TOKEN_FIELDS,
     VALUE_COLUMNS,
     check_shard,
-    copy_file_synced,
+    copy_temp_shard,
     new_shard_name,
+    normalize_row,
     publish_shard,
     read_groups,
     rows_to_table,
-    validate_row,
     write_temp_shard,
 )
+from dpocache.artifacts.validate import Duplicates, check_rows, raise_defects
 from dpocache.files import TMP_PREFIX
 
 _STORE_ENTRIES = {MANIFEST, LOCK, SHARD_DIR, "lists", ".writers"}
 _OPEN_FILES = 32  # opened shards kept (LRU)
+_CHECK_ROWS = 256  # rows checked together by the writer
 
 
 class _Shard:
@@ -113,7 +129,7 @@ class ReferenceStore:
                 if strangers:
                     raise StoreError(f"{root}: directory is not empty and is not a dpocache store (it holds "
                                      f"{', '.join(strangers[:5])}); choose an empty or new directory")
-                manifest = Manifest(identity, versions or {})
+                manifest = Manifest(identity, versions or {}, created_at=utc_now())
                 write_manifest(root, manifest)
             lock = WriterLock(root)
             clean_orphans(root, manifest, own_id=lock.id)
@@ -183,7 +199,7 @@ class ReferenceStore:
         lock = self._require_writable("writing rows")
         final = self.root / SHARD_DIR / new_shard_name()
         tmp = final.with_name(lock.temp_shard_name(final.name))
-        write_temp_shard(tmp, table)
+        write_temp_shard(tmp, table, name=final)
         return self._commit_shard(tmp, final, table.num_rows, table.column("hash").to_pylist())
 
     def _publish_file(self, source: Path, rows: int, hashes: list[str]) -> dict:
@@ -191,40 +207,90 @@ class ReferenceStore:
         lock = self._require_writable("writing rows")
         final = self.root / SHARD_DIR / new_shard_name()
         tmp = final.with_name(lock.temp_shard_name(final.name))
-        copy_file_synced(source, tmp)
+        copy_temp_shard(source, tmp, name=final)
         return self._commit_shard(tmp, final, rows, hashes)
 
     def _commit_shard(self, tmp: Path, final: Path, rows: int, hashes: list[str]) -> dict:
         """Under the store lock: rename the temp file into place and add it to the manifest."""
-        with store_lock(self.root):
-            manifest = read_manifest(self.root)
-            entry = publish_shard(tmp, final, rows)
-            manifest.shards.append(entry)
-            write_manifest(self.root, manifest)
-            self._manifest = manifest
+        try:
+            with store_lock(self.root):
+                manifest = read_manifest(self.root)
+                entry = publish_shard(tmp, final, rows)
+                manifest.shards.append(entry)
+                manifest.scored_at = utc_now()
+                self._write_manifest_or_undo(manifest, final, entry["path"])
+        finally:
+            tmp.unlink(missing_ok=True)  # only left when the commit failed before the rename
+        self._manifest = manifest
         self._checked.add(entry["path"])
         if self._indexed:
             self._add_to_index(entry["path"], hashes)
         return entry
 
-    def record_list(self, name: str, hashes: list[str]) -> None:
-        """Record the ordered example list of a dataset/mixture under ``name`` (replacing an older one)."""
+    def _write_manifest_or_undo(self, manifest: Manifest, new_file: Path, rel: str) -> None:
+        """Replace the manifest; when that fails, remove ``new_file`` unless the manifest on disk lists it."""
+        try:
+            write_manifest(self.root, manifest)
+        except BaseException:
+            try:
+                on_disk = read_manifest(self.root)
+                listed = rel in {e["path"] for e in on_disk.shards} | {e["path"] for e in on_disk.lists.values()}
+            except StoreError:
+                listed = True  # unknown: keep it (an unlisted file is removed on the next open for writing)
+            if not listed:
+                new_file.unlink(missing_ok=True)
+            raise
+
+    def record_list(self, name: str, hashes: list[str], *, role: str = ROLE_TRAIN, mixture_sha256: str | None = None,
+                    rename_if_taken: bool = False) -> str:
+        """Record the ordered example list of a dataset/mixture under ``name`` (replacing an older one) with
+        its ``role`` (``train`` or ``heldout``) and the digest of its mixture specification. With
+        ``rename_if_taken`` (a name derived from the data, not chosen by the user) a list of that name recorded
+        from another mixture is kept and this one takes the next free name (:func:`free_list_name`).
+        Returns the name used."""
         self._require_writable("recording a list")
         check_list_name(name)
+        check_role(role)
+        if rename_if_taken and not mixture_sha256:
+            raise StoreError("record_list: rename_if_taken needs the mixture digest (mixture_sha256)")
         hashes = check_hashes(hashes, f"example list {name!r}")
         with store_lock(self.root):
             manifest = read_manifest(self.root)
+            if rename_if_taken:
+                name = free_list_name(manifest.lists, name, mixture_sha256)
             old = manifest.lists.get(name)
-            manifest.lists[name] = write_list_file(self.root, name, hashes)
-            write_manifest(self.root, manifest)
+            entry = write_list_file(self.root, name, hashes)
+            entry["role"] = role
+            if mixture_sha256:
+                entry["mixture_sha256"] = mixture_sha256
+            manifest.lists[name] = entry
+            self._write_manifest_or_undo(manifest, self.root / entry["path"], entry["path"])
             self._manifest = manifest
-            if old is not None and old["path"] != manifest.lists[name]["path"]:
+            if old is not None and old["path"] != entry["path"]:
                 (self.root / old["path"]).unlink(missing_ok=True)
+        return name
+
+    def free_list_name(self, name: str, mixture_sha256: str) -> str:
+        """The name :meth:`record_list` with ``rename_if_taken`` would use now (see :func:`free_list_name`)."""
+        self.refresh()
+        return free_list_name(self._manifest.lists, name, mixture_sha256)
 
     # -- named lists ---------------------------------------------------------------------------
     def lists(self) -> dict[str, int]:
         """Named example lists: name -> number of examples."""
         return {k: int(v["count"]) for k, v in self._manifest.lists.items()}
+
+    def list_entries(self) -> dict[str, dict]:
+        """Named example lists: name -> a copy of its manifest entry (path, count, sha256, role, ...)."""
+        return {k: dict(v) for k, v in self._manifest.lists.items()}
+
+    def list_roles(self) -> dict[str, str]:
+        """Named example lists: name -> role (``train`` or ``heldout``; lists of older stores: ``train``)."""
+        return {k: list_role(v) for k, v in self._manifest.lists.items()}
+
+    def describe_lists(self) -> str:
+        """``name (N examples, training|held-out)``, ... for messages."""
+        return describe_lists(self._manifest.lists)
 
     def get_list(self, name: str) -> list[str]:
         """The ordered example hashes recorded under ``name``."""
@@ -279,7 +345,9 @@ class ReferenceStore:
     def read_rows(self, hashes: list[str], columns: list[str] | None = None, *,
                   allow_missing: bool = False) -> tuple[pa.Table, int]:
         """Rows for ``hashes`` in that order (repeats allowed), reading only ``columns`` (default: every
-        column but the per-token ones; ``hash`` always comes first). Returns (table, number missing)."""
+        column but the per-token ones; ``hash`` always comes first). Returns (table, number missing).
+        Every row returned has passed :func:`check_rows` (and the same example's other rows agree): a bad
+        row is a :class:`StoreError` naming its shard, row and example."""
         cols = self._columns(columns)
         index = self._build_index()
         missing = [h for h in hashes if h not in index]
@@ -294,16 +362,21 @@ class ReferenceStore:
             if len(locs) > 1 and h not in self._dup_checked:
                 self._check_duplicates(h, locs)
             by_shard.setdefault(locs[0][0], []).append(locs[0][1])
-        parts = [self._read_shard_rows(rel, rows, cols) for rel, rows in by_shard.items()]
+        parts = {rel: self._read_shard_rows(rel, rows, cols) for rel, rows in by_shard.items()}
         if not parts:
             empty = pa.schema([f for f in BASE_FIELDS + TOKEN_FIELDS if f.name in cols]).empty_table()
             return empty.select(cols), len(missing)
-        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        table = pa.concat_tables(parts.values()) if len(parts) > 1 else next(iter(parts.values()))
+        if check_rows(table):  # a bad row: check shard by shard to name its shard and row
+            for rel, part in parts.items():
+                path = str(self.root / rel)
+                raise_defects(check_rows(part, shard=path, rows=sorted(by_shard[rel])), hint=self._damaged_hint())
         position = {h: k for k, h in enumerate(table.column("hash").to_pylist())}
         take = np.fromiter((position[h] for h in wanted), dtype=np.int64, count=len(wanted))
         return table.take(pa.array(take)), len(missing)
 
     def _read_shard_rows(self, rel: str, rows: list[int], cols: list[str]) -> pa.Table:
+        """Rows of one shard, in ascending position order."""
         shard = self._shard(rel)
         absent = [c for c in cols if c not in shard.columns]
         if absent:
@@ -312,15 +385,17 @@ class ReferenceStore:
         return shard.read(rows, cols).select(cols)
 
     def _check_duplicates(self, h: str, locs: list[tuple[str, int]]) -> None:
-        """The same example in several shards must carry identical reference values."""
-        values = [(rel, self._shard(rel).read([row], list(VALUE_COLUMNS)).to_pylist()[0]) for rel, row in locs]
-        first_rel, first = values[0]
-        for rel, other in values[1:]:
-            if other != first:
-                diff = ", ".join(f"{k} {first[k]!r} vs {other[k]!r}" for k in VALUE_COLUMNS if first[k] != other[k])
-                raise StoreError(f"{self.root}: example {h} has different reference values in {self.root / first_rel} "
-                                 f"and {self.root / rel} ({diff}): the store mixes incompatible computations")
+        """The same example in several rows must carry identical reference values."""
+        seen, defects = Duplicates(), []
+        for rel, row in locs:
+            shard = self._shard(rel)
+            table = shard.read([row], ["hash", *VALUE_COLUMNS])
+            defects += check_rows(table, shard=str(shard.path), rows=[row], duplicates=seen)
+        raise_defects(defects, hint=self._damaged_hint())
         self._dup_checked.add(h)
+
+    def _damaged_hint(self) -> str:
+        return f"; the store is damaged: `dpocache inspect {self.root} --verify` lists every bad row (re-score them)"
 
 
 class ShardWriter:
@@ -335,19 +410,31 @@ class ShardWriter:
         self.shards: list[dict] = []
 
     def add(self, row: dict) -> None:
-        clean = validate_row(row)
-        prior = self._buffer.get(clean["hash"])
-        if prior is not None:
-            if any(prior[k] != clean[k] for k in VALUE_COLUMNS):
-                raise StoreError(f"row {clean['hash']}: added twice with different reference values")
-            return
-        self._buffer[clean["hash"]] = clean
-        if len(self._buffer) >= self.rows_per_shard:
-            self.flush()
+        self.add_many([row])
 
     def add_many(self, rows) -> None:
+        """Normalise and check ``rows`` (:func:`normalize_row`, :func:`check_rows`) in batches, then buffer them."""
+        batch: list[dict] = []
         for row in rows:
-            self.add(row)
+            batch.append(normalize_row(row))
+            if len(batch) >= _CHECK_ROWS:
+                self._add_checked(batch)
+                batch = []
+        self._add_checked(batch)
+
+    def _add_checked(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        raise_defects(check_rows(rows_to_table(rows)))
+        for clean in rows:
+            prior = self._buffer.get(clean["hash"])
+            if prior is not None:
+                if any(prior[k] != clean[k] for k in VALUE_COLUMNS):
+                    raise StoreError(f"row {clean['hash']}: added twice with different reference values")
+                continue
+            self._buffer[clean["hash"]] = clean
+            if len(self._buffer) >= self.rows_per_shard:
+                self.flush()
 
     def flush(self) -> None:
         """Publish the buffered rows as one shard (no-op when empty)."""

@@ -78,16 +78,48 @@ def cap_selection(pick: np.ndarray, count: int, rng: np.random.Generator) -> np.
     return pick[np.sort(rng.choice(len(pick), size=count, replace=False))]
 
 
-def mixture_name(mixture: list[str], splits: list[str], max_train_samples: int | None, seed: int) -> str:
-    """Deterministic, filesystem-safe name of a mixture: first source's stem, source count, spec digest."""
-    sources = mixture[0::2]
-    first = Path(sources[0]).name if sources else "dataset"
-    stem = first.rsplit(".", 1)[0] if first.lower().endswith((".jsonl", ".json", ".parquet")) else first
-    stem = re.sub(r"[^A-Za-z0-9._=-]+", "_", stem).strip("_.")[:60] or "dataset"
-    if len(sources) > 1:
-        stem += f"+{len(sources) - 1}"
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+_COMPRESSED = (".gz", ".bz2", ".xz")
+_NAME_MAX = 100
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_.=-")
+
+
+def source_stem(source: str) -> str:
+    """Short, file-name-safe name of a source: its file or folder name (a hub dataset: its name without the
+    organisation), without data and compression suffixes."""
+    stem = Path(source.rstrip("/")).name
+    for suffixes in (_COMPRESSED, _DATA_SUFFIXES):
+        stem = next((stem[: -len(x)] for x in suffixes if stem.lower().endswith(x)), stem)
+    return _safe(stem)[:60] or "dataset"
+
+
+def mixture_digest(mixture: list[str], splits: list[str], max_train_samples: int | None, seed: int) -> str:
+    """sha256 of a mixture's specification: sources, amounts, splits, cap and seed."""
     spec = [mixture, splits, max_train_samples, seed]
     if max_train_samples is not None:
-        spec.append("proportional-cap")  # the cap's meaning changed from "the first N": a new list name
-    spec = json.dumps(spec)
-    return f"{stem}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+        spec.append("proportional-cap")  # the cap's meaning changed from "the first N": another digest
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def mixture_name(mixture: list[str], splits: list[str]) -> str:
+    """Readable default name of a mixture: its sources' short names joined by ``+``, each with its split when
+    that is not ``train`` (``tulu3_pref+ultrafeedback.test_prefs``); a long mixture keeps its first sources and
+    counts the others (``a+b+c+7_more``). A store keeps names unique per :func:`mixture_digest`."""
+    sources = mixture[0::2]
+    if not sources:
+        return "dataset"
+    per_source = splits * len(sources) if len(splits) == 1 else splits
+    parts = [source_stem(src) + ("" if split == "train" else f".{_safe(split)[:30]}")
+             for src, split in zip(sources, per_source)]
+    name = "+".join(parts)
+    if len(name) <= _NAME_MAX:
+        return name
+    keep = [parts[0][: _NAME_MAX - 12]]
+    for part in parts[1:]:
+        if len("+".join(keep + [part])) > _NAME_MAX - 12:
+            break
+        keep.append(part)
+    return "+".join(keep) + f"+{len(parts) - len(keep)}_more"

@@ -25,6 +25,7 @@ from jinja2.exceptions import TemplateError
 from dpocache.data.config import DataConfig
 from dpocache.data.errors import DataError
 from dpocache.data.formats import FORMATS, detect_format, normalize
+from dpocache.data.mixer import mixture_digest as _mixture_digest
 from dpocache.data.mixer import mixture_name as _mixture_name
 from dpocache.data.mixer import CAP_STREAM, cap_counts, cap_selection, select_indices
 from dpocache.data.sources import read_source
@@ -54,8 +55,13 @@ class PreparedData:
 
 
 def mixture_name(cfg: DataConfig) -> str:
-    """Default named-list name of the mixture of ``cfg``."""
-    return _mixture_name(cfg.mixture(), cfg.mixer_list_splits, cfg.max_train_samples, cfg.seed)
+    """Default named-list name of the mixture of ``cfg`` (readable: its sources' names)."""
+    return _mixture_name(cfg.mixture(), cfg.mixer_list_splits)
+
+
+def mixture_digest(cfg: DataConfig) -> str:
+    """sha256 of the mixture specification of ``cfg`` (what keeps default list names unique in a store)."""
+    return _mixture_digest(cfg.mixture(), cfg.mixer_list_splits, cfg.max_train_samples, cfg.seed)
 
 
 def validated_rows(source: str, split: str, cfg: DataConfig, stats: dict) -> Iterator[tuple[str, str, str]]:

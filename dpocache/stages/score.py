@@ -24,7 +24,7 @@ from dpocache.artifacts import ReferenceStore
 from dpocache.artifacts.identity import library_versions, text_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from dpocache.config import ConfigError, check, opt
 from dpocache.console import log
-from dpocache.data import HASH_VERSION, DataConfig, load_preference_data, prepare_tokenizer
+from dpocache.data import HASH_VERSION, DataConfig, load_preference_data, mixture_digest, prepare_tokenizer
 from dpocache.files import dpocache_home
 from dpocache.logprobs import TokenLogps, pad_batch
 from dpocache.modeling import (
@@ -218,7 +218,7 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, 
     identity = reference_identity(model_cfg, data_cfg, score_cfg, tokenizer, vllm_options)
     info = library_versions()
     info.update(model_name=str(model_cfg.model_name_or_path), model_revision=model_cfg.model_revision,
-                chat_template=tokenizer.chat_template, pad_token=tokenizer.pad_token)
+                tokenizer_name=str(tok_name), chat_template=tokenizer.chat_template, pad_token=tokenizer.pad_token)
     root = score_cfg.store or str(default_store_dir(identity))
     store = ReferenceStore.create_or_open(root, identity, versions=info)
     existing = store.hashes()
@@ -226,7 +226,7 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, 
     hashes = prepared.dataset["hash"][:]  # a list: a datasets Column reads element by element
     chunks = plan_chunks(hashes, existing, score_cfg.rows_per_shard, parts, index)
     reused = sum(1 for h in hashes if h in existing)
-    name = score_cfg.store_dataset or prepared.name
+    name = score_cfg.store_dataset or store.free_list_name(prepared.name, mixture_digest(data_cfg))
     return ScorePlan(tokenizer, prepared.dataset, name, store, chunks, prepared.stats, prepared.hashes, reused)
 
 
@@ -285,7 +285,8 @@ def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> 
 
 
 def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, vllm_options=None,
-              *, progress=True) -> ScoreResult:
+              *, progress=True, list_role: str = "train") -> ScoreResult:
+    """Score what the store lacks, then record the example list (``list_role``: ``train`` or ``heldout``)."""
     t0 = time.perf_counter()
     plan = setup(model_cfg, data_cfg, score_cfg, vllm_options=vllm_options, progress=progress)
     total = len(plan.dataset)
@@ -306,6 +307,7 @@ def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConf
             tokens = score(plan, scorer, score_cfg, progress=progress)
         finally:
             scorer.close()
-    plan.store.record_list(plan.list_name, plan.hashes)
-    return ScoreResult(str(plan.store.root), plan.list_name, total, plan.pending, plan.reused,
+    name = plan.store.record_list(plan.list_name, plan.hashes, role=list_role, mixture_sha256=mixture_digest(data_cfg),
+                                  rename_if_taken=score_cfg.store_dataset is None)
+    return ScoreResult(str(plan.store.root), name, total, plan.pending, plan.reused,
                        time.perf_counter() - t0, tokens, plan.data_stats)

@@ -121,16 +121,17 @@ def heldout_overlap(train: ExampleSource, heldout: ExampleSource) -> int:
 
 
 def pick_list(store: ReferenceStore, name: str | None) -> str:
-    lists = store.lists()
+    """``--store_dataset``, or the store's one training list (held-out lists are never picked by default)."""
+    lists, roles = store.lists(), store.list_roles()
     if name is not None:
         if name not in lists:
-            raise ConfigError(f"store {store.root} has no example list '{name}'; it has: "
-                              f"{', '.join(sorted(lists)) or 'none'}")
+            raise ConfigError(f"store {store.root} has no example list '{name}'; it has: {store.describe_lists()}")
         return name
-    if len(lists) != 1:
-        raise ConfigError(f"store {store.root} holds {len(lists)} example lists "
-                          f"({', '.join(sorted(lists)) or 'none'}): pick one with --store_dataset")
-    return next(iter(lists))
+    train = [n for n in sorted(lists) if roles[n] != "heldout"]
+    if len(train) != 1:
+        raise ConfigError(f"store {store.root} holds {len(train)} training example lists ({store.describe_lists()}): "
+                          "pick one with --store_dataset")
+    return train[0]
 
 
 def policy_tokenizer(model_cfg: ModelConfig, store: ReferenceStore):

@@ -24,13 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dpocache.artifacts import ReferenceStore, StoreError
+from dpocache.artifacts.validate import check_rows, raise_defects
 from dpocache.console import log
 from dpocache.files import atomic_write_bytes, dpocache_home
 
 INDEX_VERSION = 2
 VALUE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens"]
 TOKEN_LOGP_COLUMNS = ["ref_chosen_token_logps", "ref_rejected_token_logps"]
-LOGP_SUM_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -75,26 +75,9 @@ def _read_shard(store: ReferenceStore, entry: dict, verify: bool) -> pa.Table:
     return table, all(name in parquet.schema_arrow.names for name in TOKEN_LOGP_COLUMNS)
 
 
-def _mask_stats(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(length, trainable count) of each row of a list<int8> mask column."""
-    array = column.combine_chunks()
-    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = pc.list_flatten(array).to_numpy(zero_copy_only=False).astype(np.int64)
-    ends = np.cumsum(lengths)
-    sums = np.add.reduceat(flat, ends - lengths) if flat.size else np.zeros(len(lengths), np.int64)
-    return lengths, np.where(lengths > 0, sums, 0)
-
-
-def _validate(path, hashes: np.ndarray, values: np.ndarray, counts: np.ndarray) -> None:
-    """Rows training can use: finite log-probability sums, counts equal to the trainable masks."""
-    bad = ~np.isfinite(values).all(axis=1) | (values[:, :2] > LOGP_SUM_TOLERANCE).any(axis=1)
-    bad |= (values[:, 2:] != counts).any(axis=1)
-    if bad.any():
-        k = int(np.argmax(bad))
-        raise StoreError(f"{path}: {int(bad.sum())} row(s) hold reference values training cannot use (first: row "
-                         f"{k}, example {hashes[k].decode()}: sums {values[k, :2].tolist()}, counts "
-                         f"{values[k, 2:].tolist()}, trainable tokens {counts[k].tolist()}); the store is damaged: "
-                         "re-score those examples")
+def _mask_stats(column: pa.ChunkedArray) -> np.ndarray:
+    """The length of each row of a list mask column."""
+    return pc.list_value_length(column.combine_chunks()).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _scan(store: ReferenceStore, verify: bool) -> dict[str, np.ndarray]:
@@ -104,9 +87,9 @@ def _scan(store: ReferenceStore, verify: bool) -> dict[str, np.ndarray]:
         table, has_tokens = _read_shard(store, entry, verify)
         hashes = table.column("hash").to_numpy().astype("S64")
         values = np.stack([table.column(c).to_numpy().astype(np.float64) for c in VALUE_COLUMNS], 1)
-        c_len, c_cnt = _mask_stats(table.column("chosen_mask"))
-        r_len, r_cnt = _mask_stats(table.column("rejected_mask"))
-        _validate(store.root / entry["path"], hashes, values, np.stack([c_cnt, r_cnt], 1))
+        raise_defects(check_rows(table, shard=str(store.root / entry["path"])),
+                      hint="; the store is damaged: re-score those examples")
+        c_len, r_len = _mask_stats(table.column("chosen_mask")), _mask_stats(table.column("rejected_mask"))
         parts["hash"].append(hashes)
         parts["values"].append(values)
         parts["length"].append(np.maximum(c_len, r_len))
