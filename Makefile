@@ -37,7 +37,7 @@ install: $(VENV)/.stamp-base
 install-test: $(VENV)/.stamp-test
 
 run: install
-	$(VENV)/bin/dpocache run
+	$(VENV)/bin/dpocache run --overwrite_output_dir
 
 test: install-test
 	$(PY) -m pytest -q
