@@ -201,6 +201,11 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSON Lines file (none when it does not exist)."""
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
 def self_peak_rss() -> int:
     """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -269,6 +274,37 @@ def watch_child(cmd: list[str], *, env: dict, log: Path, timeout: float, on_poll
         on_poll(None)
     return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0, "timed_out": timed_out,
             "peak_rss": usage.ru_maxrss * 1024}
+
+
+class Stamps:
+    """Wall-clock moments at which ``count()`` grew (one stamp per new unit: a shard, a metrics line)."""
+
+    def __init__(self, count):
+        self.count, self.times = count, []
+
+    def __call__(self, _pid) -> None:
+        try:
+            n = self.count()
+        except (OSError, ValueError):
+            return
+        now = time.perf_counter()
+        self.times += [now] * (n - len(self.times))
+
+
+def steady(tokens: list[int], ends: list[float], warmup: int) -> float | None:
+    """Tokens per second after the first ``warmup`` units (``ends``: the moment each unit ended)."""
+    if len(tokens) <= warmup or len(ends) < len(tokens) or ends[len(tokens) - 1] <= ends[warmup - 1]:
+        return None
+    return sum(tokens[warmup:]) / (ends[len(tokens) - 1] - ends[warmup - 1])
+
+
+def train_rate(lines: list[dict], stamps: list[float], plan_tokens: list[int], warmup: int) -> tuple:
+    """(steady tokens/s, source, tokens the run reported) from stage two's ``metrics.jsonl``."""
+    if lines and all("perf/elapsed_seconds" in x for x in lines):
+        elapsed = [x["perf/elapsed_seconds"] for x in lines]
+        tokens = [x["perf/tokens_per_second"] * (e - p) for x, e, p in zip(lines, elapsed, [0.0] + elapsed)]
+        return steady(tokens, elapsed, warmup), "perf/elapsed_seconds", round(sum(tokens))
+    return steady(plan_tokens[:len(lines)], stamps, warmup), "metrics.jsonl line times", None
 
 
 def log_tail(log: Path, lines: int = 8) -> str:

@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import REPO, child_env, log_tail, machine, store_plan, synthetic_rows, watch_child, write_jsonl  # noqa: E402
+from benchlib import (REPO, Stamps, child_env, log_tail, machine, read_jsonl, steady, store_plan, synthetic_rows,  # noqa: E402
+                      train_rate, watch_child, write_jsonl)
 from gpu_report import status_line, render, summary  # noqa: E402
 
 SHAPES = {"llama-0.8b": dict(hidden=2048, layers=16, heads=16, kv_heads=8, intermediate=5632, vocab=8192),
@@ -113,25 +114,6 @@ def build_child(spec: dict) -> dict:
     return {"params": params, "device_name": name, "build_device": device}
 
 
-class Stamps:
-    """Wall-clock moments at which ``count()`` grew (one stamp per new unit: a shard, a metrics line)."""
-
-    def __init__(self, count):
-        self.count, self.times = count, []
-
-    def __call__(self, _pid) -> None:
-        try:
-            n = self.count()
-        except (OSError, ValueError):
-            return
-        now = time.perf_counter()
-        self.times += [now] * (n - len(self.times))
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-
-
 def _shards(store: Path) -> list[str]:
     manifest = store / "manifest.json"
     return [s["path"] for s in json.loads(manifest.read_text())["shards"]] if manifest.is_file() else []
@@ -147,22 +129,6 @@ def shard_tokens(store: Path) -> list[int]:
         table = pq.read_table(store / rel, columns=["chosen_input_ids", "rejected_input_ids"])
         out.append(sum(pc.sum(pc.list_value_length(table[c])).as_py() or 0 for c in table.column_names))
     return out
-
-
-def steady(tokens: list[int], ends: list[float], warmup: int) -> float | None:
-    """Tokens per second after the first ``warmup`` units (``ends``: the moment each unit ended)."""
-    if len(tokens) <= warmup or len(ends) < len(tokens) or ends[len(tokens) - 1] <= ends[warmup - 1]:
-        return None
-    return sum(tokens[warmup:]) / (ends[len(tokens) - 1] - ends[warmup - 1])
-
-
-def train_rate(lines: list[dict], stamps: list[float], plan_tokens: list[int], warmup: int) -> tuple:
-    """(steady tokens/s, source, tokens the run reported) from stage two's ``metrics.jsonl``."""
-    if lines and all("perf/elapsed_seconds" in x for x in lines):
-        elapsed = [x["perf/elapsed_seconds"] for x in lines]
-        tokens = [x["perf/tokens_per_second"] * (e - p) for x, e, p in zip(lines, elapsed, [0.0] + elapsed)]
-        return steady(tokens, elapsed, warmup), "perf/elapsed_seconds", round(sum(tokens))
-    return steady(plan_tokens[:len(lines)], stamps, warmup), "metrics.jsonl line times", None
 
 
 class Bench:
@@ -284,7 +250,7 @@ class Bench:
                str(len(plan["steps"])), "--logging_steps", "1", "--checkpointing_steps", "none", *extra]
         res = self.run(tag, cmd, poll=stamps)
         res.update(self.probe(Path(str(out) + "-probe")))
-        lines = _lines(metrics)
+        lines = read_jsonl(metrics)
         if res["status"] == "ok":
             expected = [sum(len(plan[f"{s}_ids"][i]) for i in idx for s in ("chosen", "rejected"))
                         for idx in plan["steps"]]
