@@ -159,7 +159,8 @@ def table(runs: list[dict], summary: dict) -> str:
     for r in runs:
         rank = f", rank {r['rank']}" if r["processes"] > 1 else ""
         what = f"{r['examples']:,} examples, {r['processes']} process(es){rank}"
-        lines.append(f"| {what} | {r['peak_rss_mb']:,.0f} | {r['first_step_s'] or '-'} | {r['tok_s']:,.0f} | "
+        tok_s = "n/a" if r["tok_s"] is None else f"{r['tok_s']:,.0f}"
+        lines.append(f"| {what} | {r['peak_rss_mb']:,.0f} | {r['first_step_s'] or '-'} | {tok_s} | "
                      f"{r['store_mb']} ({r['rchar_mb']}) | {r['mapped_store_mb']} |")
     t = summary["targets"]
     lines += ["", "| target | measured | met |", "| --- | --- | --- |",
@@ -184,8 +185,8 @@ def main(argv=None) -> None:
     parser.add_argument("--large", type=int, default=200_000)
     parser.add_argument("--quick", action="store_true", help="2,000 and 20,000 examples")
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (all processes together)")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per training run")
-    parser.add_argument("--warmup", type=int, default=2, help="steps left out of tokens/s")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per training run")
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of tokens/s")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per child process")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results_train_scale.jsonl")
     parser.add_argument("--keep", help="work directory to keep (default: a temporary one, removed)")

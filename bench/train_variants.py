@@ -28,10 +28,6 @@ from pathlib import Path
 VARIANTS = ("dpocache", "trl_precompute", "trl_live", "bare", "forward")
 
 
-def _quiet(*_args, **_kwargs) -> None:
-    pass
-
-
 class StepClock:
     """Wall and process CPU time at the end of each optimizer step, and the tokens of each step."""
 
@@ -161,8 +157,8 @@ def run_forward(plan: dict, work: Path) -> dict:
 def run_dpocache(plan: dict, work: Path) -> dict:
     """Stage two exactly as ``dpocache train`` runs it (API: ``setup`` then ``train``), on the scored store.
 
-    A forward pre-hook on the trained module counts the non-pad tokens of each batch; the per-step
-    log callback (``logging_steps=1``) stamps the end of each optimizer step.
+    A forward pre-hook on the trained module counts the non-pad tokens of each batch; a post-hook on
+    the optimizer's ``step`` stamps the end of each optimizer step.
     """
     from dpocache.config import build
     from dpocache.modeling import ModelConfig
@@ -174,13 +170,15 @@ def run_dpocache(plan: dict, work: Path) -> dict:
                   max_train_steps=total, checkpointing_steps=None, logging_steps=1, seed=plan["seed"])
     (cfg,) = build([TrainConfig], {**values, **plan.get("dpocache_set", {})}, source="--dpocache_set")
     t0 = time.perf_counter()
-    state = setup(ModelConfig(model_name_or_path=plan["model"]), cfg, log=_quiet)
+    state = setup(ModelConfig(model_name_or_path=plan["model"]), cfg)
     init = time.perf_counter() - t0
-    clock = StepClock()
+    clock = StepClock(_device(plan))
     state.logp_model.register_forward_pre_hook(lambda _m, args: clock.tokens.append(int(args[1].sum())))
-    train(state, progress=False, log=clock.tick)
+    optimizer = getattr(state.optimizer, "optimizer", state.optimizer)  # the torch optimizer under accelerate's
+    optimizer.register_step_post_hook(clock.tick)
+    train(state, progress=False)
     if len(clock.wall) != total:
-        raise RuntimeError(f"expected {total} per-step log lines from dpocache train, got {len(clock.wall)}")
+        raise RuntimeError(f"expected {total} optimizer steps from dpocache train, got {len(clock.wall)}")
     return clock.result(init)
 
 
