@@ -25,8 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import (REPO, bench_model, child_env, count_params, median, run_child, score_command, store_plan,
-                      synthetic_rows, write_jsonl)
+from benchlib import (REPO, bench_model, child_env, count_params, median, plan_step_tokens, run_child, score_command,
+                      store_plan, synthetic_rows, write_jsonl)
 from train_variants import VARIANTS, run_variant
 
 SIZES = {"tiny": {"batch": 8, "max_length": 256, "pairs": 128, "warmup": 2, "window": 4, "repeats": 3, "runs": 1},
@@ -119,7 +119,7 @@ def summarize(args, results: dict[str, list[dict]], plan: dict, stage_one: dict,
            "padded_fraction": round(padding_fraction(plan), 3),
            "stage_one_seconds": round(stage_one["seconds"], 1),
            "stage_one_peak_rss_mb": round(stage_one["peak_rss"] / 2**20)}
-    expected = [sum(len(plan["chosen_ids"][i]) + len(plan["rejected_ids"][i]) for i in idx) for idx in plan["steps"]]
+    expected = plan_step_tokens(plan)
     peaks = {}
     for name, runs in results.items():
         rates = [x for res in runs for x in window_rates(res, args.warmup, args.window, args.repeats)]

@@ -13,7 +13,8 @@ used), ``--runs`` times per size, round-robin (the medians are reported), and on
 more as 2 processes (``accelerate launch --multi_gpu --num_processes 2``, half the per-device batch, so
 the same global batches). Measured per training process (per rank):
 
-- peak RSS (``getrusage`` in the process; wait4 of the process for single runs);
+- peak RSS (``VmHWM`` in the process; for single runs also wait4's, which Linux floors at this script's
+  own peak, so it is not the figure compared);
 - time from process start to the first optimizer step: the moment the first ``metrics.jsonl`` line
   appears (the file is watched every 20 ms), and the process's CPU seconds at that moment (less
   sensitive to other load on the machine);
@@ -39,8 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import (REPO, Stamps, bench_model, child_env, log_tail, median, read_jsonl, score_command,
-                      store_plan, synthetic_rows, train_rate, watch_child, write_jsonl)
+from benchlib import (REPO, Stamps, bench_model, child_env, log_tail, median, plan_step_tokens, read_jsonl,
+                      score_command, store_plan, synthetic_rows, train_rate, watch_child, write_jsonl)
 
 PROBE = str(REPO / "bench" / "cli_probe.py")
 BASELINE = 40  # examples of the store whose reads are subtracted (what a run reads besides the store's growth)
@@ -102,8 +103,7 @@ class Run:
         start = time.perf_counter()
         res = self.child(f"train-{tag}", launch + command, poll=first)
         plan = store_plan(store, self.model, batch=a.batch, steps=a.steps, compact=True)
-        tokens = [sum(len(plan[f"{s}_ids"][i]) for i in idx for s in ("chosen", "rejected")) for idx in plan["steps"]]
-        rate, source, _ = train_rate(read_jsonl(metrics), first.stamps.times, tokens, a.warmup)
+        rate, source, _ = train_rate(read_jsonl(metrics), first.stamps.times, plan_step_tokens(plan), a.warmup)
         rows = []
         for rank in range(processes):
             got = json.loads(Path(f"{probe}.rank{rank}.json").read_text())

@@ -194,6 +194,11 @@ def store_plan(store: str | Path, model_dir: Path, *, batch: int, steps: int, se
     return dict(plan, **extra)
 
 
+def plan_step_tokens(plan: dict) -> list[int]:
+    """Non-pad tokens (chosen + rejected) of each of the plan's steps."""
+    return [sum(len(plan[f"{side}_ids"][i]) for i in idx for side in ("chosen", "rejected")) for idx in plan["steps"]]
+
+
 def write_jsonl(path: Path, rows) -> Path:
     with open(path, "w") as fh:
         for row in rows:
@@ -207,7 +212,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def self_peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
+    """Peak resident set size of this process so far, in bytes: ``VmHWM`` of ``/proc/self/status``. Not
+    ``getrusage``: Linux carries the launching process's peak across ``exec`` into ``ru_maxrss`` (and
+    wait4's), so a child started by a large parent would report at least the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -5,7 +5,8 @@
 
 The command runs through ``dpocache.cli.main`` exactly as ``python -m dpocache.cli`` runs it (also under
 ``accelerate launch bench/cli_probe.py ...``: one record per rank). At exit (any exit) the process writes
-``OUT.rank<RANK>.json`` with: the exit code, peak RSS (``getrusage``), peak GPU memory
+``OUT.rank<RANK>.json`` with: the exit code, peak RSS (``VmHWM``: ``getrusage`` would include the launching
+process's peak, which Linux carries across ``exec``), peak GPU memory
 (``torch.cuda.max_memory_allocated``, when CUDA was used), the device name, and the bytes it read from
 files while the command ran (``/proc/self/io`` ``rchar`` / ``read_bytes``, counted from after the heavy
 imports below, so they are mostly the command's own data: store, tokenizer, config) plus the resident
@@ -27,6 +28,14 @@ def io_counters() -> dict:
         return {k.strip(): int(v) for k, v in pairs}
     except OSError:
         return {}
+
+
+def peak_rss() -> int:
+    """This process's own peak resident set size in bytes (``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def mapped_rss(root: str | None) -> int | None:
@@ -72,7 +81,7 @@ def main(argv: list[str]) -> int:
         end = io_counters()
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         record = {"command": command[:1], "exit_code": code, "rank": int(os.environ.get("RANK", "0")),
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "peak_rss": peak_rss(),
                   "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
                   "device_name": torch.cuda.get_device_name() if cuda else "cpu",
                   "rchar": end.get("rchar", 0) - start.get("rchar", 0),

@@ -33,8 +33,8 @@ def test_train_scale_bench_reports_memory_startup_reads_and_parts(tmp_path):
     for r in train:
         assert r["peak_rss_mb"] > 100 and r["rchar_mb"] > 0, r
         assert (r["first_step_s"] > 0) if r["rank"] == 0 else r["first_step_s"] is None
-        if r["processes"] == 1:  # the probe's own peak and wait4's agree for a single process
-            assert r["peak_rss_mb"] == pytest.approx(r["wait4_peak_rss_mb"], rel=0.05)
+        if r["processes"] == 1:  # wait4's figure also holds the launching process's peak: never below
+            assert r["peak_rss_mb"] <= r["wait4_peak_rss_mb"] + 1
             assert 0 < r["first_step_cpu_s"]
     store_mb = {(r["examples"], r["processes"], r["rank"]): r["store_mb"] for r in train}
     assert all(store_mb[(40, p, k)] == 0 for p, k in ((1, 0), (2, 0), (2, 1)))  # the baseline itself

@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import (REPO, Stamps, child_env, log_tail, machine, read_jsonl, steady, store_plan, synthetic_rows,  # noqa: E402
-                      train_rate, watch_child, write_jsonl)
+from benchlib import (REPO, Stamps, child_env, log_tail, machine, plan_step_tokens, read_jsonl,  # noqa: E402
+                      steady, store_plan, synthetic_rows, train_rate, watch_child, write_jsonl)
 from gpu_report import status_line, render, summary  # noqa: E402
 
 SHAPES = {"llama-0.8b": dict(hidden=2048, layers=16, heads=16, kv_heads=8, intermediate=5632, vocab=8192),
@@ -153,7 +153,9 @@ class Bench:
         return row
 
     def run(self, name: str, cmd: list[str], *, timeout: float | None = None, poll=None) -> dict:
-        """Run one child step; ``status`` ok / failed / timeout and the log's tail when it did not end well."""
+        """Run one child step; ``status`` ok / failed / timeout and the log's tail when it did not end well.
+        (``peak_rss_mb`` here is wait4's, floored at this process's own peak; variants replace it with the
+        child's own ``VmHWM``.)"""
         log = self.work / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         res = watch_child(cmd, env=self.env, log=log, timeout=timeout or self.args.step_timeout, on_poll=poll)
@@ -252,8 +254,7 @@ class Bench:
         res.update(self.probe(Path(str(out) + "-probe")))
         lines = read_jsonl(metrics)
         if res["status"] == "ok":
-            expected = [sum(len(plan[f"{s}_ids"][i]) for i in idx for s in ("chosen", "rejected"))
-                        for idx in plan["steps"]]
+            expected = plan_step_tokens(plan)
             res["tok_s"], res["rate_from"], reported = train_rate(lines, stamps.times, expected, a.warmup)
             if reported is not None:
                 res["same_batches"] = abs(reported - sum(expected[:len(lines)])) <= 0.01 * sum(expected)
@@ -272,11 +273,9 @@ class Bench:
                 out = found[-1]
                 warmup = plan["warmup_batches"] if kind == "forward" else self.args.warmup
                 res["tok_s"] = steady(out["step_tokens"], out["step_ends"], warmup)
-                res["peak_gpu_bytes"] = out.get("peak_gpu_bytes")
+                res.update(peak_gpu_bytes=out.get("peak_gpu_bytes"), peak_rss_mb=round(out["peak_rss"] / 2**20))
                 if kind == "train":
-                    res["same_batches"] = out["step_tokens"] == [
-                        sum(len(plan[f"{s}_ids"][i]) for i in idx for s in ("chosen", "rejected"))
-                        for idx in plan["steps"]]
+                    res["same_batches"] = out["step_tokens"] == plan_step_tokens(plan)
         return res
 
     def probe(self, prefix: Path) -> dict:
@@ -285,7 +284,8 @@ class Bench:
             return {}
         got = json.loads(path.read_text())
         path.unlink()
-        return {"peak_gpu_bytes": got["peak_gpu_bytes"], "device_name": got["device_name"]}
+        return {"peak_gpu_bytes": got["peak_gpu_bytes"], "device_name": got["device_name"],
+                "peak_rss_mb": round(got["peak_rss"] / 2**20)}
 
 
 def _json_or_none(line: str):
