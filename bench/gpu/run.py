@@ -174,17 +174,26 @@ class Bench:
         res = self.run("build", [sys.executable, __file__, "--child", "build", "--spec", json.dumps(spec)])
         if res["status"] == "ok":
             self.info = json.loads(Path(res["log"]).read_text().strip().splitlines()[-1])
-        self.record(dict(variant="build", **res, **self.info))
+        self.record({"variant": "build", **res, **self.info})
         if res["status"] != "ok":
             self.failed.add("build")
             return
         self.data = write_jsonl(self.work / "pairs.jsonl", synthetic_rows(a.pairs, seed=0, profile=a.profile))
         self.store = self.work / "store"
         res = self.run("prepare", self.score_cmd(self.work / "micro", self.store, []))
-        self.record(dict(variant="prepare", **res, **self.probe(Path(str(self.store) + "-probe"))))
+        self.record({"variant": "prepare", **res, **self.probe(Path(str(self.store) + "-probe"))})
         if res["status"] != "ok":
             self.failed.add("prepare")
             return
+        try:
+            self.make_plans()
+        except Exception as exc:  # e.g. a store this version of the bench cannot read
+            self.failed.add("plans")
+            self.record({"variant": "plans", "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
+
+    def make_plans(self) -> None:
+        """Per shape: stage two's first batches (``train``) and stage one's batches (``forward``)."""
+        a = self.args
         for shape in a.shapes:
             common = dict(device=a.device, bf16=True, max_length=a.max_length, lr=1e-6)
             train = store_plan(self.store, self.work / shape, batch=a.batch, steps=a.warmup + a.timed, compact=True,
@@ -214,12 +223,15 @@ class Bench:
         if a.budget_s and time.perf_counter() - self.t0 > a.budget_s:
             return self.record(dict(row, status="skipped", reason=f"time budget of {a.budget_s:.0f} s spent"))
         tag = f"{shape}-{name}-{repeat}"
-        if kind == "score":
-            res = self.stage_one(shape, tag)
-        elif kind == "train":
-            res = self.stage_two(shape, tag, extra)
-        else:
-            res = self.bench_child(shape, tag, extra)
+        try:
+            if kind == "score":
+                res = self.stage_one(shape, tag)
+            elif kind == "train":
+                res = self.stage_two(shape, tag, extra)
+            else:
+                res = self.bench_child(shape, tag, extra)
+        except Exception as exc:  # reading a step's output went wrong: a row, and the run goes on
+            res = {"status": "failed", "error": f"measuring the step: {type(exc).__name__}: {exc}"}
         if res.get("tok_s") is not None:
             factor = 2 if kind == "score" or extra == "forward" else 6
             peak = a.peak_tflops or peak_tflops(self.info.get("device_name", ""))
