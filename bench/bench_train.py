@@ -25,7 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import REPO, bench_model, child_env, count_params, median, run_child, synthetic_rows, write_jsonl
+from benchlib import (REPO, bench_model, child_env, count_params, median, plan_step_tokens, run_child, score_command,
+                      store_plan, synthetic_rows, write_jsonl)
 from train_variants import VARIANTS, run_variant
 
 SIZES = {"tiny": {"batch": 8, "max_length": 256, "pairs": 128, "warmup": 2, "window": 4, "repeats": 3, "runs": 1},
@@ -70,38 +71,18 @@ def score_store(args, work: Path, model_dir: Path, home: Path) -> dict:
     """Stage one with the real command line: ``dpocache score`` in a child process."""
     data = write_jsonl(work / "pairs.jsonl", synthetic_rows(args.pairs, seed=0))
     store = work / "store"
-    cmd = [sys.executable, "-m", "dpocache.cli", "score", "--model_name_or_path", str(model_dir),
-           "--dataset", str(data), "--chat_template_name", "chatml", "--max_seq_length", str(args.max_length),
-           "--store", str(store), "--batch_size", str(2 * args.batch), "--dataset_cache_dir", str(work / "cache")]
+    cmd = score_command(model_dir, data, store, cache=work / "cache", batch=2 * args.batch, max_length=args.max_length)
     run = run_child(cmd, env=child_env(home), log=work / "score.log", timeout=args.timeout)
     return {"store": str(store), "seconds": run["seconds"], "peak_rss": run["peak_rss"], "command": cmd}
 
 
 def make_plan(args, work: Path, model_dir: Path, store: str) -> Path:
     """The examples as stage two loads them and the batches it will draw (dpocache's own order)."""
-    from dpocache.artifacts import ReferenceStore
-    from dpocache.stages.train.batching import epoch_order, micro_batches
     from dpocache.stages.train.config import TrainConfig
-    from dpocache.stages.train.examples import load_examples, pick_list
 
-    seed = TrainConfig().seed
-    ref = ReferenceStore.open(store)
-    ex = load_examples(ref, ref.get_list(pick_list(ref, None)), allow_missing=False)
-    total = args.warmup + args.window * args.repeats
-    steps, epoch = [], 0
-    while len(steps) < total:
-        order = epoch_order(ex.lengths, args.batch, seed, epoch)
-        steps += [b.tolist() for b in micro_batches(order, args.batch) if len(b) == args.batch]
-        epoch += 1
-    plan = {"model": str(model_dir), "store": store, "pad_id": None, "pad_token": ref.versions["pad_token"],
-            "batch": args.batch, "max_length": args.max_length, "lr": args.lr, "seed": seed,
-            "dpocache_set": dict(item.split("=", 1) for item in args.dpocache_set),
-            "chosen_ids": ex.chosen_ids, "chosen_mask": ex.chosen_mask, "rejected_ids": ex.rejected_ids,
-            "rejected_mask": ex.rejected_mask, "steps": steps[:total]}
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    plan["pad_id"] = tok.convert_tokens_to_ids(plan["pad_token"])
+    plan = store_plan(store, model_dir, batch=args.batch, steps=args.warmup + args.window * args.repeats,
+                      seed=TrainConfig().seed, max_length=args.max_length, lr=args.lr,
+                      dpocache_set=dict(item.split("=", 1) for item in args.dpocache_set))
     path = work / "plan.json"
     path.write_text(json.dumps(plan))
     return path
@@ -138,7 +119,7 @@ def summarize(args, results: dict[str, list[dict]], plan: dict, stage_one: dict,
            "padded_fraction": round(padding_fraction(plan), 3),
            "stage_one_seconds": round(stage_one["seconds"], 1),
            "stage_one_peak_rss_mb": round(stage_one["peak_rss"] / 2**20)}
-    expected = [sum(len(plan["chosen_ids"][i]) + len(plan["rejected_ids"][i]) for i in idx) for idx in plan["steps"]]
+    expected = plan_step_tokens(plan)
     peaks = {}
     for name, runs in results.items():
         rates = [x for res in runs for x in window_rates(res, args.warmup, args.window, args.repeats)]
