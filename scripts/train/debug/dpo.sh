@@ -15,4 +15,5 @@ stage run \
   --loss_type dpo_norm \
   --max_train_steps 4 \
   --logging_steps 1 \
+  --overwrite_output_dir \
   --output_dir "$OUT" "$@"

@@ -39,4 +39,5 @@ launch_train \
   --dtype bfloat16 \
   --gradient_checkpointing \
   --logging_steps 1 \
-  --checkpointing_steps 500 "$@"
+  --checkpointing_steps 500 \
+  --resume_from_checkpoint auto "$@"

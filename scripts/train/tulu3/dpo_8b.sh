@@ -49,4 +49,5 @@ launch_train \
   --gradient_checkpointing \
   --logging_steps 1 \
   --checkpointing_steps 500 \
+  --resume_from_checkpoint auto \
   --seed 8 "$@"
