@@ -16,6 +16,9 @@ import fcntl
 import hashlib
 import io
 import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +29,11 @@ import pyarrow.parquet as pq
 from dpocache.artifacts import ReferenceStore, StoreError
 from dpocache.artifacts.validate import check_rows, raise_defects
 from dpocache.console import log
-from dpocache.files import atomic_write_bytes, dpocache_home
+from pathlib import Path
 
-INDEX_VERSION = 2
+from dpocache.files import TMP_PREFIX, atomic_write_json, dpocache_home, fsync_dir, fsync_file
+
+INDEX_VERSION = 3
 VALUE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps", "ref_chosen_tokens", "ref_rejected_tokens"]
 TOKEN_LOGP_COLUMNS = ["ref_chosen_token_logps", "ref_rejected_token_logps"]
 
@@ -36,10 +41,10 @@ TOKEN_LOGP_COLUMNS = ["ref_chosen_token_logps", "ref_rejected_token_logps"]
 @dataclass
 class ListIndex:
     hashes: np.ndarray  # S64 [N]
-    lengths: np.ndarray  # int64 [N], max(len chosen, len rejected)
+    lengths: np.ndarray  # int32 [N], max(len chosen, len rejected)
     reference: np.ndarray  # float64 [N, 4]
     shard: np.ndarray  # int32 [N], position in ``shards``
-    row: np.ndarray  # int64 [N], row inside the shard
+    row: np.ndarray  # int32 [N], row inside the shard
     shards: list  # manifest entries (path, rows, bytes, sha256) + mtime_ns seen when the index was loaded
     missing: int = 0
     token_logps: bool = False  # every example's row holds per-token reference log-probs
@@ -92,13 +97,13 @@ def _scan(store: ReferenceStore, verify: bool) -> dict[str, np.ndarray]:
         c_len, r_len = _mask_stats(table.column("chosen_mask")), _mask_stats(table.column("rejected_mask"))
         parts["hash"].append(hashes)
         parts["values"].append(values)
-        parts["length"].append(np.maximum(c_len, r_len))
+        parts["length"].append(np.maximum(c_len, r_len).astype(np.int32))
         parts["shard"].append(np.full(len(hashes), s, dtype=np.int32))
-        parts["row"].append(np.arange(len(hashes), dtype=np.int64))
+        parts["row"].append(np.arange(len(hashes), dtype=np.int32))
         parts["tokens"].append(np.full(len(hashes), has_tokens))
     if not parts["hash"]:
-        return {"hash": np.zeros(0, "S64"), "values": np.zeros((0, 4)), "length": np.zeros(0, np.int64),
-                "shard": np.zeros(0, np.int32), "row": np.zeros(0, np.int64), "tokens": np.zeros(0, bool)}
+        return {"hash": np.zeros(0, "S64"), "values": np.zeros((0, 4)), "length": np.zeros(0, np.int32),
+                "shard": np.zeros(0, np.int32), "row": np.zeros(0, np.int32), "tokens": np.zeros(0, bool)}
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -142,17 +147,33 @@ def build_index(store: ReferenceStore, hashes, *, allow_missing: bool, verify: b
                      rows["row"][keep], [dict(s) for s in store.shards], missing, bool(rows["tokens"][keep].all()))
 
 
-def _save(path, index: ListIndex) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, hashes=index.hashes, lengths=index.lengths, reference=index.reference, shard=index.shard,
-             row=index.row, missing=np.array(index.missing), token_logps=np.array(index.token_logps))
-    atomic_write_bytes(path, buffer.getvalue())
+ARRAYS = ("hashes", "lengths", "reference", "shard", "row")
 
 
-def _load(path, store: ReferenceStore) -> ListIndex:
-    with np.load(path) as data:
-        return ListIndex(data["hashes"], data["lengths"], data["reference"], data["shard"], data["row"],
-                         [dict(s) for s in store.shards], int(data["missing"]), bool(data["token_logps"]))
+def _save(path: Path, index: ListIndex) -> None:
+    """One ``.npy`` file per array in a directory renamed into place (complete or absent)."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
+    tmp.mkdir(parents=True)
+    try:
+        for name in ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(index, name))
+            fsync_file(tmp / f"{name}.npy")
+        atomic_write_json(tmp / "meta.json", {"missing": index.missing, "token_logps": index.token_logps})
+        fsync_dir(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(path: Path, store: ReferenceStore) -> ListIndex:
+    """The cached index, memory-mapped: a process reads the pages of the examples it trains (and every
+    length, which the epoch order needs), not the whole index."""
+    meta = json.loads((path / "meta.json").read_text())
+    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+    arrays["lengths"] = np.array(arrays["lengths"])
+    return ListIndex(**arrays, shards=[dict(s) for s in store.shards], missing=int(meta["missing"]),
+                     token_logps=bool(meta["token_logps"]))
 
 
 def _stamp(store: ReferenceStore, index: ListIndex) -> ListIndex:
@@ -173,19 +194,19 @@ def _stamp(store: ReferenceStore, index: ListIndex) -> ListIndex:
 def list_index(store: ReferenceStore, name: str, *, allow_missing: bool = False, verify: bool = True) -> ListIndex:
     """The index of list ``name`` (cached; see the module docstring)."""
     folder = dpocache_home() / "index"
-    path = folder / f"{_cache_key(store, name, allow_missing)}.npz"
+    path = folder / _cache_key(store, name, allow_missing)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / f".{path.stem}.lock", "a+")
+        lock = open(folder / f".{path.name}.lock", "a+")
     except OSError:
         return _stamp(store, build_list_index(store, name, allow_missing=allow_missing, verify=verify))
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per host; the others wait and load its result
-        if path.is_file():
+        if path.is_dir():
             try:
                 return _stamp(store, _load(path, store))
             except (OSError, ValueError, KeyError):
-                path.unlink(missing_ok=True)  # a damaged cache file is rebuilt
+                shutil.rmtree(path, ignore_errors=True)  # a damaged cache is rebuilt
         log(f"stage two: indexing list '{name}' of {store.root} ({len(store.shards)} shard(s); once per store "
             "version)")
         index = build_list_index(store, name, allow_missing=allow_missing, verify=verify)
