@@ -55,7 +55,9 @@ class DeviceMetrics:
 
     def add(self, metrics: dict) -> None:
         for key, value in metrics.items():
-            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            # float64 sums: averages over many micro-batches keep the precision of the values themselves
+            value = (value.detach().double() if isinstance(value, torch.Tensor)
+                     else torch.tensor(float(value), dtype=torch.float64))
             self._sums[key] = self._sums[key] + value if key in self._sums else value.clone()
             self._counts[key] += 1
 
