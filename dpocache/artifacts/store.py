@@ -49,7 +49,7 @@ from dpocache.artifacts.shards import (
 )
 from dpocache.files import TMP_PREFIX
 
-_STORE_ENTRIES = {MANIFEST, LOCK, SHARD_DIR, "lists", ".writers"}
+_STORE_ENTRIES = {MANIFEST, LOCK, SHARD_DIR, "lists", ".writers", ".claims"}
 _OPEN_FILES = 32  # opened shards kept (LRU)
 
 
@@ -178,6 +178,13 @@ class ReferenceStore:
             raise StoreError(f"rows_per_shard must be a positive integer, got {rows_per_shard!r}")
         return ShardWriter(self, rows_per_shard)
 
+    def add_table(self, table: pa.Table) -> dict:
+        """Validate a whole shard built in bulk (:func:`dpocache.artifacts.bulk.validate_table`), then write
+        and commit it as one shard; returns its manifest entry."""
+        from dpocache.artifacts.bulk import validate_table
+
+        return self._publish_table(validate_table(table))
+
     def _publish_table(self, table: pa.Table) -> dict:
         """Write one shard (temp file, fsync) and commit it."""
         lock = self._require_writable("writing rows")
@@ -220,6 +227,20 @@ class ReferenceStore:
             self._manifest = manifest
             if old is not None and old["path"] != manifest.lists[name]["path"]:
                 (self.root / old["path"]).unlink(missing_ok=True)
+
+    def index(self) -> dict[str, list[tuple[str, int]]]:
+        """hash -> [(shard path, row)] for every row in the store (re-reads the manifest first)."""
+        self.refresh()
+        return dict(self._build_index())
+
+    def shard_columns(self, rel: str) -> list[str]:
+        """The columns of the shard ``rel`` (a manifest path)."""
+        return list(self._shard(rel).pf.schema_arrow.names)
+
+    def read_shard(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """Every row of the shard ``rel``, in its order (default columns as :meth:`read_rows`)."""
+        shard = self._shard(rel)
+        return read_groups(shard.path, shard.pf, list(range(shard.pf.num_row_groups)), self._columns(columns))
 
     # -- named lists ---------------------------------------------------------------------------
     def lists(self) -> dict[str, int]:
@@ -293,7 +314,8 @@ class ReferenceStore:
             locs = index[h]
             if len(locs) > 1 and h not in self._dup_checked:
                 self._check_duplicates(h, locs)
-            by_shard.setdefault(locs[0][0], []).append(locs[0][1])
+            rel, row = self._location(locs, cols)
+            by_shard.setdefault(rel, []).append(row)
         parts = [self._read_shard_rows(rel, rows, cols) for rel, rows in by_shard.items()]
         if not parts:
             empty = pa.schema([f for f in BASE_FIELDS + TOKEN_FIELDS if f.name in cols]).empty_table()
@@ -302,6 +324,15 @@ class ReferenceStore:
         position = {h: k for k, h in enumerate(table.column("hash").to_pylist())}
         take = np.fromiter((position[h] for h in wanted), dtype=np.int64, count=len(wanted))
         return table.take(pa.array(take)), len(missing)
+
+    def _location(self, locs: list[tuple[str, int]], cols: list[str]) -> tuple[str, int]:
+        """Of an example's rows, the first in a shard holding every requested column (per-token values can
+        be added to a store in a later shard)."""
+        if len(locs) > 1:
+            for rel, row in locs:
+                if self._shard(rel).columns.issuperset(cols):
+                    return rel, row
+        return locs[0]
 
     def _read_shard_rows(self, rel: str, rows: list[int], cols: list[str]) -> pa.Table:
         shard = self._shard(rel)
