@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Stage-one throughput: HF backend (selected positions), vLLM backend, and a bare no_grad forward over
-the same sequences, on a ~7M-parameter Llama (head_dim 64) built here; plus the vLLM bf16 gap.
+the same sequences, on a ~7M-parameter Llama (head_dim 64) built here; plus the vLLM bf16 gap; plus the
+whole stage-one loop (``dpocache.stages.score.score``: host batches, the forward, the commit thread's
+Arrow shard, bulk validation, Parquet write and fsync into a real store) over the same batches.
 Prints one JSON line.
 
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 python bench/bench_score.py
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 python bench/bench_score.py [--skip_vllm]
 """
 
 import argparse
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip_vllm", action="store_true", help="measure the HF paths only")
     args = parser.parse_args()
     from conftest import GGUF_NAME, smollm_gguf_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,6 +79,12 @@ def main() -> None:
 
     out = {"bench": "score", "params": params, "sequences": len(seqs), "tokens": tokens,
            "bare_forward_tok_s": round(run(bare)), "hf_backend_tok_s": round(run(hf))}
+    out["stage_one_tok_s"] = round(run(stage_one_loop(tmp, model_dir, tok, seqs, masks, args.batch)))
+    out["stage_one_over_hf_backend"] = round(out["stage_one_tok_s"] / out["hf_backend_tok_s"], 2)
+    out["stage_one_over_bare"] = round(out["stage_one_tok_s"] / out["bare_forward_tok_s"], 2)
+    if args.skip_vllm:
+        print(json.dumps(out))
+        return
     scorer = VLLMScorer(str(model_dir), VLLMOptions(vllm_dtype="float32"), progress=False)
     out["vllm_backend_tok_s"] = round(run(lambda: scorer.token_logps(seqs)))
     scorer.close()
@@ -94,6 +103,41 @@ def main() -> None:
     out["hf_over_bare"] = round(out["hf_backend_tok_s"] / out["bare_forward_tok_s"], 2)
     out["vllm_over_bare"] = round(out["vllm_backend_tok_s"] / out["bare_forward_tok_s"], 2)
     print(json.dumps(out))
+
+
+def stage_one_loop(tmp: Path, model_dir: Path, tok, seqs, masks, batch: int):
+    """The whole stage-one loop over ``seqs`` (pairs of consecutive sequences), into a fresh store per call."""
+    import hashlib
+
+    import datasets
+
+    from dpocache.artifacts import ReferenceStore
+    from dpocache.devices import resolve_device
+    from dpocache.modeling import ModelConfig
+    from dpocache.stages.score import ScoreConfig, ScorePlan, score
+    from dpocache.stages.scoring.hf import HFScorer
+    from dpocache.stages.scoring.plan import plan_chunks
+
+    pairs = len(seqs) // 2
+    hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(pairs)]
+    ids, mask = datasets.List(datasets.Value("int32")), datasets.List(datasets.Value("int8"))
+    features = datasets.Features({"hash": datasets.Value("string"), "chosen_input_ids": ids, "chosen_mask": mask,
+                                  "rejected_input_ids": ids, "rejected_mask": mask})
+    dataset = datasets.Dataset.from_dict({"hash": hashes, "chosen_input_ids": seqs[0::2], "chosen_mask": masks[0::2],
+                                          "rejected_input_ids": seqs[1::2], "rejected_mask": masks[1::2]},
+                                         features=features)
+    cfg = ScoreConfig(batch_size=batch)
+    scorer = HFScorer(ModelConfig(model_name_or_path=str(model_dir)), tok, batch, resolve_device("cpu"))
+    calls = iter(range(10**6))
+
+    def loop():
+        store = ReferenceStore.create_or_open(tmp / f"store{next(calls)}", {"bench": "score"})
+        plan = ScorePlan(tok, dataset, "bench", store, plan_chunks(hashes, set(), cfg.rows_per_shard, []), {},
+                         hashes, hashes, pending=pairs)
+        score(plan, scorer, cfg, progress=False)
+        store.close()
+
+    return loop
 
 
 if __name__ == "__main__":

@@ -69,9 +69,9 @@ class ScoreConfig:
                               "a rerun scores the same batches.", group="store")
     save_token_logps: bool = opt(False, "Also store per-token reference log-probs (on a store that holds the "
                                  "examples without them, they are added under the stored sums).", group="store")
-    num_shards: int = opt(1, "Split the examples into this many disjoint parts of equal size (dealt in example-"
-                          "hash order; under a multi-process launch each part is dealt again between the "
-                          "ranks) ...", group="scoring")
+    num_shards: int = opt(1, "Split the examples into this many disjoint parts of equal size (within one "
+                          "example; dealt in example-hash order; under a multi-process launch each part is dealt "
+                          "again between the ranks) ...", group="scoring")
     shard_index: int = opt(0, "... and score only this part (0-based). Run every part with the same data.",
                            group="scoring")
 
@@ -149,7 +149,7 @@ class VLLMAdapter:
         # the files the identity hashed (the requested revision's snapshot), in the dtype the identity names
         options = dataclasses.replace(vllm_options or VLLMOptions(),
                                       vllm_dtype=scoring_dtype(model_cfg, score_cfg, vllm_options))
-        self.scorer = VLLMScorer(str(reference_model_dir(model_cfg)), options, seed=seed)
+        self.scorer = VLLMScorer(str(reference_model_dir(model_cfg)), options, seed=seed, progress=False)
 
     def score(self, chunk: ChunkData, keep_tokens: bool, on_batch=None) -> ReadyScores:
         sequences = [chunk.sequence(k).tolist() for k in range(len(chunk.lengths))]
