@@ -173,3 +173,22 @@ def test_per_token_values_are_added_to_a_store_without_them(tiny_model_dir, data
     capsys.readouterr()
     assert main(score_cmd(tiny_model_dir, data, store, "--save_token_logps")[3:]) == 0
     assert "nothing to score" in capsys.readouterr().out
+
+
+def test_bf16_per_token_values_reproduce_the_stored_sums(tiny_model_dir, tmp_path, capsys):
+    """In bf16 too, the shard's own rows re-batched as they were scored give the same values, so the added
+    per-token values match the stored sums to summation order."""
+    data = write_jsonl(tmp_path / "d.jsonl", conversational_rows(12, seed=43))
+    args = ["score", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data), "--store",
+            str(tmp_path / "s"), "--dtype", "bfloat16", "--batch_size", "3", "--rows_per_shard", "5"]
+    assert main(args) == 0
+    before = {r["hash"]: r for r in sorted_rows(tmp_path / "s")}
+    assert main([*args, "--save_token_logps"]) == 0
+    assert "(0 scored, 12 reused, 12 given per-token values)" in capsys.readouterr().out
+    rows = sorted_rows(tmp_path / "s", ["ref_chosen_logps", "ref_rejected_logps", *TOKEN_COLUMNS])
+    assert len(rows) == 12
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            stored = before[row["hash"]][f"ref_{side}_logps"]
+            assert row[f"ref_{side}_logps"] == stored
+            assert abs(sum(row[f"ref_{side}_token_logps"]) - stored) < 1e-6

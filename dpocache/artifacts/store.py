@@ -228,10 +228,17 @@ class ReferenceStore:
             if old is not None and old["path"] != manifest.lists[name]["path"]:
                 (self.root / old["path"]).unlink(missing_ok=True)
 
-    def index(self) -> dict[str, list[tuple[str, int]]]:
-        """hash -> [(shard path, row)] for every row in the store (re-reads the manifest first)."""
+    def contains(self, hashes) -> list[bool]:
+        """For each hash: is the example in the store (re-reads the manifest first; no copy of the index)?"""
         self.refresh()
-        return dict(self._build_index())
+        index = self._build_index()
+        return [h in index for h in hashes]
+
+    def locations(self, hashes) -> list[list[tuple[str, int]]]:
+        """For each hash: its rows as (shard path, row), empty when absent (re-reads the manifest first)."""
+        self.refresh()
+        index = self._build_index()
+        return [list(index.get(h, ())) for h in hashes]
 
     def shard_columns(self, rel: str) -> list[str]:
         """The columns of the shard ``rel`` (a manifest path)."""

@@ -195,9 +195,9 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, 
                 chat_template=tokenizer.chat_template, pad_token=tokenizer.pad_token)
     root = score_cfg.store or str(default_store_dir(identity))
     store = ReferenceStore.create_or_open(root, identity, versions=info)
-    index = store.index()
     levels = split_levels(score_cfg.num_shards, score_cfg.shard_index)
     unique = prepared.dataset["hash"][:]  # a list: a datasets Column reads element by element
+    index = {h: locs for h, locs in zip(unique, store.locations(unique)) if locs}
     part = [unique[i] for i in part_order(unique, levels)]
     units = plan_chunks(unique, index.keys(), score_cfg.rows_per_shard, levels)
     pending = sum(1 for h in part if h not in index)
@@ -238,10 +238,10 @@ def _load(unit: Unit, plan: ScorePlan, guard: threading.Lock, examples) -> Chunk
     """The unit's examples still to score (None when other writers or earlier runs did them all)."""
     with guard:
         if unit.shard is None:
-            rows = todo_rows(unit, plan.store.hashes())
+            rows = todo_rows(unit, plan.store.contains(unit.hashes))
             return ChunkData(examples[rows]) if rows else None
-        index = plan.store.index()
         table = plan.store.read_shard(unit.shard, BASE_COLUMNS)
+        locations = plan.store.locations(table.column("hash").to_pylist())
         known: dict[str, bool] = {}
 
         def has_tokens(rel: str) -> bool:
@@ -249,7 +249,7 @@ def _load(unit: Unit, plan: ScorePlan, guard: threading.Lock, examples) -> Chunk
                 known[rel] = set(TOKEN_COLUMNS) <= set(plan.store.shard_columns(rel))
             return known[rel]
 
-        done = all(any(has_tokens(rel) for rel, _ in index[h]) for h in table.column("hash").to_pylist())
+        done = all(any(has_tokens(rel) for rel, _ in locs) for locs in locations)
     return None if done else ChunkData(table)
 
 

@@ -86,14 +86,15 @@ def plan_chunks(hashes: list[str], existing: set[str], rows_per_chunk: int,
     return units
 
 
-def todo_rows(unit: Unit, existing: set[str]) -> list[int]:
-    """Dataset rows of a chunk whose examples are not in the store (``existing``) yet."""
-    return [i for i, h in zip(unit.rows, unit.hashes) if h not in existing]
+def todo_rows(unit: Unit, present: list[bool]) -> list[int]:
+    """Dataset rows of a chunk whose examples are not in the store yet (``present``: per example of the chunk)."""
+    return [i for i, have in zip(unit.rows, present) if not have]
 
 
 def plan_token_units(wanted: list[str], index: dict, shard_columns, levels: list[tuple[str, int, int]]) -> list[Unit]:
     """Shards to complete with per-token values: for each wanted example the store holds only without them,
-    its first shard; the shards are dealt between parts like examples. ``index`` maps hash -> [(shard, row)],
+    its first shard; the shards are dealt between parts like examples. ``index`` maps each stored hash to its
+    rows [(shard, row)],
     ``shard_columns(shard)`` gives a shard's column names."""
     from dpocache.artifacts.shards import TOKEN_COLUMNS
 
