@@ -291,8 +291,10 @@ def _cmd_score(args) -> int:
         return 0
     model_cfg, data_cfg, score_cfg, vllm_opts = configs
     result = run_score(model_cfg, data_cfg, score_cfg, vllm_opts)
+    added = f", {result.completed} given per-token values" if result.completed else ""
+    part = f"; {result.part}: {result.part_examples} examples" if result.part else ""
     print(f"stage one: store {result.store}, list '{result.list_name}': {result.examples} examples "
-          f"({result.scored} scored, {result.reused} reused) in {result.seconds:.1f} s")
+          f"({result.scored} scored, {result.reused} reused{added}{part}) in {result.seconds:.1f} s")
     return 0
 
 

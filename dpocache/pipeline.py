@@ -75,12 +75,17 @@ def apply_demo_training_values(train_cfg: TrainConfig | None, loss_cfg) -> list[
     return chosen
 
 
-def _barrier() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        from accelerate import PartialState
+def _sum_over_ranks(values: list[int]) -> list[int]:
+    """Element-wise sums over the ranks of a multi-process launch (the values themselves when alone). Every
+    rank calls it once its part of stage one is committed, so it is also the barrier before stage two."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return list(values)
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import reduce
 
-        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return reduce(torch.tensor(values, dtype=torch.int64, device=state.device), reduction="sum").tolist()
 
 
 @dataclass
@@ -107,18 +112,20 @@ def heldout_data(data_cfg: DataConfig, run_cfg: RunConfig) -> DataConfig | None:
 
 def stage_one(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, held_data: DataConfig | None,
               vllm_options, *, progress=True) -> StageOne:
-    """Score what the store lacks of the training and held-out data."""
+    """Score what the store lacks of the training and held-out data. Under a multi-process launch each rank
+    scores its part; the counts returned are totals over the ranks."""
     first = run_score(model_cfg, data_cfg, score_cfg, vllm_options, progress=progress)
     heldout = None
     if held_data is not None:
         held_score = dataclasses.replace(score_cfg, store=first.store, store_dataset=f"{first.list_name}-heldout")
         heldout = run_score(model_cfg, held_data, held_score, vllm_options, progress=progress, list_role="heldout")
-    scored = first.scored + (heldout.scored if heldout else 0)
-    _barrier()  # under a multi-process launch, every rank's part must be in the store before training
+    runs = [first] + ([heldout] if heldout else [])
+    scored, completed = _sum_over_ranks([sum(r.scored for r in runs), sum(r.completed for r in runs)])
+    examples = sum(r.examples for r in runs)
+    seconds = sum(r.seconds for r in runs)
+    skip = None if scored or completed else "every example already scored"
     return StageOne(first.store, first.list_name, heldout.list_name if heldout else None, first.examples, scored,
-                    first.reused + (heldout.reused if heldout else 0),
-                    first.seconds + (heldout.seconds if heldout else 0),
-                    None if scored else "every example already scored")
+                    examples - scored, seconds, skip)
 
 
 def skip_stage_one(loss_cfg: LossConfig, score_cfg: ScoreConfig) -> StageOne:

@@ -206,3 +206,19 @@ def read_groups(path: Path, pf: pq.ParquetFile, groups: list[int], columns: list
         return pf.read_row_groups(groups, columns=columns)
     except (pa.ArrowException, OSError) as exc:
         raise StoreError(f"{path}: unreadable Parquet data ({exc})") from None
+
+
+def conform_table(table: pa.Table) -> pa.Table:
+    """A shard table built in bulk with exactly the shard schema's columns, types and no nulls (the values are
+    checked by :func:`dpocache.artifacts.validate.check_rows`)."""
+    with_tokens = TOKEN_COLUMNS[0] in table.column_names or TOKEN_COLUMNS[1] in table.column_names
+    expected = schema(with_tokens)
+    if table.column_names != expected.names:
+        raise StoreError(f"a shard table must have the columns {', '.join(expected.names)} (got "
+                         f"{', '.join(table.column_names)})")
+    for f in expected:
+        if not table.schema.field(f.name).type.equals(f.type):
+            raise StoreError(f"shard table column {f.name} is {table.schema.field(f.name).type}, expected {f.type}")
+        if table.column(f.name).null_count:
+            raise StoreError(f"shard table column {f.name} holds nulls")
+    return pa.Table.from_arrays(table.columns, schema=expected)

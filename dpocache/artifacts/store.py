@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dpocache.artifacts.cleanup import WriterLock, clean_orphans
@@ -53,6 +54,7 @@ from dpocache.artifacts.shards import (
     TOKEN_FIELDS,
     VALUE_COLUMNS,
     check_shard,
+    conform_table,
     copy_temp_shard,
     new_shard_name,
     normalize_row,
@@ -64,7 +66,7 @@ from dpocache.artifacts.shards import (
 from dpocache.artifacts.validate import Duplicates, check_rows, raise_defects
 from dpocache.files import TMP_PREFIX
 
-_STORE_ENTRIES = {MANIFEST, LOCK, SHARD_DIR, "lists", ".writers"}
+_STORE_ENTRIES = {MANIFEST, LOCK, SHARD_DIR, "lists", ".writers", ".claims"}
 _OPEN_FILES = 32  # opened shards kept (LRU)
 _CHECK_ROWS = 256  # rows checked together by the writer
 
@@ -194,6 +196,21 @@ class ReferenceStore:
             raise StoreError(f"rows_per_shard must be a positive integer, got {rows_per_shard!r}")
         return ShardWriter(self, rows_per_shard)
 
+    def add_table(self, table: pa.Table) -> dict:
+        """Check a whole shard built in bulk (:func:`conform_table`, then the row checks every reader runs,
+        :func:`check_rows`), then write and commit it as one shard; returns its manifest entry."""
+        return self._publish_table(self.check_table(table))
+
+    @staticmethod
+    def check_table(table: pa.Table) -> pa.Table:
+        """A shard table built in bulk, checked: schema (:func:`conform_table`), the row checks every reader runs
+        (:func:`check_rows`), each example once. Returns it with the exact shard schema."""
+        table = conform_table(table)
+        raise_defects(check_rows(table))
+        if pc.count_distinct(table.column("hash")).as_py() != table.num_rows:
+            raise StoreError("the same hash appears twice in one shard (a chunk lists an example twice)")
+        return table
+
     def _publish_table(self, table: pa.Table) -> dict:
         """Write one shard (temp file, fsync) and commit it."""
         lock = self._require_writable("writing rows")
@@ -274,6 +291,27 @@ class ReferenceStore:
         """The name :meth:`record_list` with ``rename_if_taken`` would use now (see :func:`free_list_name`)."""
         self.refresh()
         return free_list_name(self._manifest.lists, name, mixture_sha256)
+
+    def contains(self, hashes) -> list[bool]:
+        """For each hash: is the example in the store (re-reads the manifest first; no copy of the index)?"""
+        self.refresh()
+        index = self._build_index()
+        return [h in index for h in hashes]
+
+    def locations(self, hashes) -> list[list[tuple[str, int]]]:
+        """For each hash: its rows as (shard path, row), empty when absent (re-reads the manifest first)."""
+        self.refresh()
+        index = self._build_index()
+        return [list(index.get(h, ())) for h in hashes]
+
+    def shard_columns(self, rel: str) -> list[str]:
+        """The columns of the shard ``rel`` (a manifest path)."""
+        return list(self._shard(rel).pf.schema_arrow.names)
+
+    def read_shard(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """Every row of the shard ``rel``, in its order (default columns as :meth:`read_rows`)."""
+        shard = self._shard(rel)
+        return read_groups(shard.path, shard.pf, list(range(shard.pf.num_row_groups)), self._columns(columns))
 
     # -- named lists ---------------------------------------------------------------------------
     def lists(self) -> dict[str, int]:
@@ -361,7 +399,8 @@ class ReferenceStore:
             locs = index[h]
             if len(locs) > 1 and h not in self._dup_checked:
                 self._check_duplicates(h, locs)
-            by_shard.setdefault(locs[0][0], []).append(locs[0][1])
+            rel, row = self._location(locs, cols)
+            by_shard.setdefault(rel, []).append(row)
         parts = {rel: self._read_shard_rows(rel, rows, cols) for rel, rows in by_shard.items()}
         if not parts:
             empty = pa.schema([f for f in BASE_FIELDS + TOKEN_FIELDS if f.name in cols]).empty_table()
@@ -374,6 +413,15 @@ class ReferenceStore:
         position = {h: k for k, h in enumerate(table.column("hash").to_pylist())}
         take = np.fromiter((position[h] for h in wanted), dtype=np.int64, count=len(wanted))
         return table.take(pa.array(take)), len(missing)
+
+    def _location(self, locs: list[tuple[str, int]], cols: list[str]) -> tuple[str, int]:
+        """Of an example's rows, the first in a shard holding every requested column (per-token values can
+        be added to a store in a later shard)."""
+        if len(locs) > 1:
+            for rel, row in locs:
+                if self._shard(rel).columns.issuperset(cols):
+                    return rel, row
+        return locs[0]
 
     def _read_shard_rows(self, rel: str, rows: list[int], cols: list[str]) -> pa.Table:
         """Rows of one shard, in ascending position order."""

@@ -1,43 +1,55 @@
 """Stage one: score a preference dataset with a frozen reference model into a reference store.
 
-Recipe steps: :func:`setup` (tokenizer, data, identity, store, what is left to score),
-:func:`score` (reference forward passes, rows written shard by shard) and :func:`run_score`
-(both, then the named example list and freeing the model).
+Recipe steps: :func:`setup` (tokenizer, data, identity, store, this process's share of the work),
+:func:`score` (the units of work: claimed, scored on the device, committed by a background thread) and
+:func:`run_score` (both, then the named example list and freeing the model). The split into parts and
+chunks is :mod:`dpocache.stages.scoring.plan`; shared work between concurrent writers is
+:mod:`dpocache.artifacts.claims`. On SIGTERM/SIGUSR1 the unit in flight is finished and committed, then
+:class:`~dpocache.preemption.Preempted` says what was kept; re-running the same command continues.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
-import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
+from dpocache import preemption
 from dpocache.artifacts import ReferenceStore
+from dpocache.artifacts.claims import Claims
 from dpocache.artifacts.identity import library_versions, text_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from dpocache.artifacts.shards import BASE_COLUMNS, TOKEN_COLUMNS
 from dpocache.config import ConfigError, check, opt
-from dpocache.console import log
+from dpocache.console import log, progress as progress_bar
 from dpocache.data import HASH_VERSION, DataConfig, load_preference_data, mixture_digest, prepare_tokenizer
+from dpocache.devices import resolve_device
 from dpocache.files import dpocache_home
-from dpocache.logprobs import TokenLogps, pad_batch
 from dpocache.modeling import (
     ModelConfig,
     ModelLoadError,
     check_model_config,
     check_sequence_lengths,
-    load_causal_lm,
     load_tokenizer,
     local_model_dir,
-    resize_for_tokenizer,
 )
-
+from dpocache.stages.scoring.batches import EXAMPLE_COLUMNS, ChunkData, ReadyScores, scores_from_token_values
+from dpocache.stages.scoring.commit import Committer
+from dpocache.stages.scoring.hf import HFScorer
+from dpocache.stages.scoring.plan import (
+    Unit,
+    describe_levels,
+    part_order,
+    plan_chunks,
+    plan_token_units,
+    split_levels,
+    todo_rows,
+)
 
 @dataclass
 class ScoreConfig:
@@ -48,53 +60,42 @@ class ScoreConfig:
         "(default: derived from the mixture).", group="store")
     backend: Literal["hf", "vllm"] = opt("hf", "Stage-one scoring engine: HF forward passes or vLLM "
                                          "prompt log-probs.", group="scoring")
-    batch_size: int = opt(8, "Sequences per reference forward pass (sorted by length).", group="scoring")
-    rows_per_shard: int = opt(1024, "Examples per Parquet shard; a crash loses at most one shard.",
-                              group="store")
-    save_token_logps: bool = opt(False, "Also store per-token reference log-probs.", group="store")
-    num_shards: int = opt(1, "Split the dataset by example hash into this many disjoint parts ...",
+    device: str = opt("auto", "Device of the HF backend's reference model: auto (cuda:LOCAL_RANK under a "
+                      "launcher, cuda:0 alone, the CPU without CUDA), cpu, cuda or cuda:N.", group="scoring")
+    batch_size: int = opt(8, "Sequences per reference forward pass (sorted by length within a chunk).",
                           group="scoring")
-    shard_index: int = opt(0, "... and score only this part (0-based).", group="scoring")
+    rows_per_shard: int = opt(1024, "Examples per chunk: a chunk is scored as one set of batches and written as "
+                              "one Parquet shard, so a crash or preemption loses at most the chunk in flight and "
+                              "a rerun scores the same batches.", group="store")
+    save_token_logps: bool = opt(False, "Also store per-token reference log-probs (on a store that holds the "
+                                 "examples without them, they are added under the stored sums).", group="store")
+    num_shards: int = opt(1, "Split the examples into this many disjoint parts of equal size (within one "
+                          "example; dealt in example-hash order; under a multi-process launch each part is dealt "
+                          "again between the ranks) ...", group="scoring")
+    shard_index: int = opt(0, "... and score only this part (0-based). Run every part with the same data.",
+                           group="scoring")
 
     def __post_init__(self):
         check(self.batch_size >= 1, "batch_size must be >= 1")
         check(self.rows_per_shard >= 1, "rows_per_shard must be >= 1")
         check(self.num_shards >= 1, "num_shards must be >= 1")
         check(0 <= self.shard_index < self.num_shards, "shard_index must be in [0, num_shards)")
+        check(bool(str(self.device).strip()), "device: empty (use auto, cpu, cuda or cuda:N)")
 
 
 @dataclass
 class ScoreResult:
     store: str
     list_name: str
-    examples: int
-    scored: int
-    reused: int
+    examples: int      # unique examples of the list
+    scored: int        # examples this process scored and committed
+    reused: int        # examples of this process's part it did not score (already in the store, or others')
     seconds: float
     tokens: int = 0
     data_stats: dict = field(default_factory=dict)
-
-
-def _partition(score_cfg: ScoreConfig) -> tuple[int, int]:
-    """(parts, index): explicit --num_shards/--shard_index, else one part per launched rank."""
-    if score_cfg.num_shards > 1:
-        return score_cfg.num_shards, score_cfg.shard_index
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0"))
-
-
-def plan_chunks(hashes: list[str], existing: set[str], rows_per_chunk: int, parts: int, index: int) -> list[list[int]]:
-    """Deterministic work units: the examples sorted by hash, cut into chunks of ``rows_per_chunk``.
-
-    Chunk k belongs to part ``k % parts``. Each chunk is scored as one shard, so a rerun after a crash
-    (completed chunks are in the store, the one in flight is not) scores exactly the same batches as
-    an uninterrupted run, and parts of a split score the same batches as a single job: the values
-    are bit-identical, not merely close.
-    """
-    order = sorted(range(len(hashes)), key=hashes.__getitem__)
-    chunks = [order[k:k + rows_per_chunk] for k in range(0, len(order), rows_per_chunk)]
-    todo = ([i for i in chunk if hashes[i] not in existing] for k, chunk in enumerate(chunks) if k % parts == index)
-    return [chunk for chunk in todo if chunk]
+    part: str = ""     # this process's share ("part 1/4", "rank 0/2"); empty for the whole list
+    part_examples: int = 0
+    completed: int = 0  # stored examples given per-token values
 
 
 def default_store_dir(identity: dict):
@@ -139,37 +140,8 @@ def reference_identity(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: 
     }
 
 
-class HFScorer:
-    """Reference log-probs with HF forward passes, only at trainable positions."""
-
-    def __init__(self, model_cfg: ModelConfig, tokenizer, batch_size: int):
-        self.model = load_causal_lm(model_cfg)
-        resize_for_tokenizer(self.model, tokenizer)
-        self.logps = TokenLogps(self.model)  # no router aux loss in scoring
-        self.pad_id = tokenizer.pad_token_id
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def token_logps(self, sequences: list, masks: list, on_batch=None) -> list[np.ndarray]:
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        out: list[np.ndarray | None] = [None] * len(sequences)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            ids, attn, tmask = pad_batch([sequences[i] for i in idx], [masks[i] for i in idx], self.pad_id)
-            values = self.logps(ids, attn, tmask).double().numpy()
-            for row, i in enumerate(idx):
-                out[i] = values[row, :len(sequences[i])]
-            if on_batch:
-                on_batch(len(idx), int(attn.sum()))
-        return out  # type: ignore[return-value]
-
-    def close(self) -> None:
-        del self.logps, self.model
-        gc.collect()
-
-
 class VLLMAdapter:
-    """The vLLM backend behind the same interface (masks are applied by the caller)."""
+    """The vLLM backend behind the HF scorer's interface (masks are applied here, synchronously)."""
 
     def __init__(self, model_cfg: ModelConfig, score_cfg: ScoreConfig, vllm_options, seed: int):
         from dpocache.stages.vllm_backend import VLLMOptions, VLLMScorer
@@ -177,13 +149,15 @@ class VLLMAdapter:
         # the files the identity hashed (the requested revision's snapshot), in the dtype the identity names
         options = dataclasses.replace(vllm_options or VLLMOptions(),
                                       vllm_dtype=scoring_dtype(model_cfg, score_cfg, vllm_options))
-        self.scorer = VLLMScorer(str(reference_model_dir(model_cfg)), options, seed=seed)
+        self.scorer = VLLMScorer(str(reference_model_dir(model_cfg)), options, seed=seed, progress=False)
 
-    def token_logps(self, sequences: list, masks: list, on_batch=None) -> list[np.ndarray]:
+    def score(self, chunk: ChunkData, keep_tokens: bool, on_batch=None) -> ReadyScores:
+        sequences = [chunk.sequence(k).tolist() for k in range(len(chunk.lengths))]
         values = self.scorer.token_logps(sequences)
         if on_batch:
-            on_batch(len(sequences), sum(len(s) for s in sequences))
-        return values
+            on_batch(len(sequences), chunk.tokens)
+        flat = np.concatenate(values) if values else np.zeros(0)
+        return ReadyScores(scores_from_token_values(chunk, flat, keep_tokens))
 
     def close(self) -> None:
         self.scorer.close()
@@ -195,14 +169,14 @@ class ScorePlan:
     dataset: object  # datasets.Dataset of tokenized examples
     list_name: str
     store: ReferenceStore
-    chunks: list[list[int]]
+    units: list[Unit]
     data_stats: dict
-    hashes: list[str]  # the ordered example list (with repeats when a source is upsampled)
-    reused: int = 0    # examples already in the store
-
-    @property
-    def pending(self) -> int:
-        return sum(len(c) for c in self.chunks)
+    hashes: list[str]       # the ordered example list (with repeats when a source is upsampled)
+    part_hashes: list[str]  # this process's examples (all of them without a split)
+    part: str = ""
+    reused: int = 0         # examples of this part already in the store
+    pending: int = 0        # examples of this part to score
+    to_complete: int = 0    # stored rows to re-score for per-token values
 
 
 def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, *, vllm_options=None,
@@ -221,13 +195,21 @@ def setup(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, 
                 tokenizer_name=str(tok_name), chat_template=tokenizer.chat_template, pad_token=tokenizer.pad_token)
     root = score_cfg.store or str(default_store_dir(identity))
     store = ReferenceStore.create_or_open(root, identity, versions=info)
-    existing = store.hashes()
-    parts, index = _partition(score_cfg)
-    hashes = prepared.dataset["hash"][:]  # a list: a datasets Column reads element by element
-    chunks = plan_chunks(hashes, existing, score_cfg.rows_per_shard, parts, index)
-    reused = sum(1 for h in hashes if h in existing)
+    levels = split_levels(score_cfg.num_shards, score_cfg.shard_index)
+    unique = prepared.dataset["hash"][:]  # a list: a datasets Column reads element by element
+    index = {h: locs for h, locs in zip(unique, store.locations(unique)) if locs}
+    part = [unique[i] for i in part_order(unique, levels)]
+    units = plan_chunks(unique, index.keys(), score_cfg.rows_per_shard, levels)
+    pending = sum(1 for h in part if h not in index)
+    to_complete = 0
+    if score_cfg.save_token_logps:
+        extra = plan_token_units(unique, index, store.shard_columns, levels)
+        rows = {s["path"]: int(s["rows"]) for s in store.shards}
+        to_complete = sum(rows[u.shard] for u in extra)
+        units += extra
     name = score_cfg.store_dataset or store.free_list_name(prepared.name, mixture_digest(data_cfg))
-    return ScorePlan(tokenizer, prepared.dataset, name, store, chunks, prepared.stats, prepared.hashes, reused)
+    return ScorePlan(tokenizer, prepared.dataset, name, store, units, prepared.stats, prepared.hashes, part,
+                     describe_levels(levels), len(part) - pending, pending, to_complete)
 
 
 def longest_sequence(dataset) -> int:
@@ -243,71 +225,161 @@ def longest_sequence(dataset) -> int:
     return longest
 
 
-def _rows_for(batch: dict, logps: list[np.ndarray], keep_token_logps: bool) -> list[dict]:
-    rows = []
-    n = len(batch["hash"])
-    for j in range(n):
-        row = {"hash": batch["hash"][j]}
-        for side, k in (("chosen", j), ("rejected", n + j)):
-            ids, mask = batch[f"{side}_input_ids"][j], batch[f"{side}_mask"][j]
-            m = np.asarray(mask, dtype=bool)
-            values = np.where(m, logps[k][:len(ids)], 0.0)
-            row[f"{side}_input_ids"], row[f"{side}_mask"] = ids, mask
-            row[f"ref_{side}_logps"] = float(values.sum(dtype=np.float64))
-            row[f"ref_{side}_tokens"] = int(m.sum())
-            if keep_token_logps:
-                row[f"ref_{side}_token_logps"] = values.astype(np.float32).tolist()
-        rows.append(row)
-    return rows
+@dataclass
+class ScoreStats:
+    scored: int = 0      # examples scored and committed
+    completed: int = 0   # stored examples given per-token values
+    shards: int = 0
+    tokens: int = 0
+    stopped: bool = False  # a preemption signal stopped the run
 
 
-def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> int:
-    """Score ``plan.chunks``; each chunk becomes one shard of complete rows. Returns the tokens scored."""
-    bar = tqdm(total=2 * plan.pending, desc="stage one: scoring", unit="seq", disable=not progress)
-    start = time.perf_counter()
-    seen = {"tokens": 0}
+def _load(unit: Unit, plan: ScorePlan, guard: threading.Lock, examples) -> ChunkData | None:
+    """The unit's examples still to score (None when other writers or earlier runs did them all)."""
+    with guard:
+        if unit.shard is None:
+            rows = todo_rows(unit, plan.store.contains(unit.hashes))
+            return ChunkData(examples[rows]) if rows else None
+        table = plan.store.read_shard(unit.shard, BASE_COLUMNS)
+        locations = plan.store.locations(table.column("hash").to_pylist())
+        known: dict[str, bool] = {}
+
+        def has_tokens(rel: str) -> bool:
+            if rel not in known:
+                known[rel] = set(TOKEN_COLUMNS) <= set(plan.store.shard_columns(rel))
+            return known[rel]
+
+        done = all(any(has_tokens(rel) for rel, _ in locs) for locs in locations)
+    return None if done else ChunkData(table)
+
+
+def _work(plan: ScorePlan, scorer, keep_tokens: bool, claims: Claims, committer: Committer,
+          guard: threading.Lock, on_batch) -> bool:
+    """Score every unit of the plan; units claimed by other writers are waited for (taken over if their
+    writer dies). Returns True when a preemption signal stopped the work (the unit in flight is finished)."""
+    examples = plan.dataset.select_columns(EXAMPLE_COLUMNS).with_format("arrow")
+
+    def run(unit: Unit) -> None:
+        chunk = _load(unit, plan, guard, examples)
+        if chunk is None:
+            claims.release(unit.key)
+            return
+        committer.submit(unit, chunk, scorer.score(chunk, keep_tokens or unit.shard is not None, on_batch))
+
+    waiting: list[Unit] = []
+    for unit in plan.units:
+        if preemption.requested():
+            return True
+        if claims.claim(unit.key):
+            run(unit)
+        else:
+            waiting.append(unit)
+    if waiting:
+        log(f"stage one: {len(waiting)} chunk(s) are being scored by other writers of {plan.store.root}; "
+            "waiting for them (a chunk whose writer dies is taken over)")
+    while waiting:
+        if preemption.requested():
+            return True
+        committer.check()
+        still = []
+        for unit in waiting:
+            if claims.claim(unit.key):
+                run(unit)
+            else:
+                still.append(unit)
+        waiting = still
+        if waiting:
+            time.sleep(WAIT_SECONDS)
+    return False
+
+
+WAIT_SECONDS = 1.0  # poll interval while other writers hold this process's last chunks
+
+
+def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> ScoreStats:
+    """Score the plan's units; each becomes one shard, committed by a background thread."""
+    bar = progress_bar(2 * (plan.pending + plan.to_complete), "stage one: scoring", "seq", enabled=progress)
+    start, stats, guard = time.perf_counter(), ScoreStats(), threading.Lock()
 
     def on_batch(sequences: int, tokens: int) -> None:
-        seen["tokens"] += tokens
+        stats.tokens += tokens
         bar.update(sequences)
-        bar.set_postfix(tok_s=f"{seen['tokens'] / max(time.perf_counter() - start, 1e-9):.0f}")
+        bar.set_postfix(tok_s=f"{stats.tokens / max(time.perf_counter() - start, 1e-9):.0f}")
 
-    with plan.store.writer(rows_per_shard=score_cfg.rows_per_shard) as writer:
-        for chunk in plan.chunks:
-            batch = plan.dataset.select(chunk).to_dict()
-            seqs = batch["chosen_input_ids"] + batch["rejected_input_ids"]
-            masks = batch["chosen_mask"] + batch["rejected_mask"]
-            logps = scorer.token_logps(seqs, masks, on_batch)
-            writer.add_many(_rows_for(batch, logps, score_cfg.save_token_logps))
-            writer.flush()  # one chunk, one shard
-    bar.close()
-    return seen["tokens"]
+    with Claims(plan.store.root) as claims:
+        claims.sweep()
+        committer = Committer(plan.store, claims, guard, keep_tokens=score_cfg.save_token_logps)
+        try:
+            stats.stopped = _work(plan, scorer, score_cfg.save_token_logps, claims, committer, guard, on_batch)
+        except BaseException:
+            committer.close(raise_errors=False)  # commit what was computed, then report the first error
+            raise
+        finally:
+            bar.close()
+        committer.close()
+    stats.scored, stats.completed, stats.shards = committer.scored, committer.completed, committer.shards
+    return stats
+
+
+def make_scorer(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, plan: ScorePlan,
+                vllm_options=None):
+    if score_cfg.backend == "vllm":
+        return VLLMAdapter(model_cfg, score_cfg, vllm_options, data_cfg.seed)
+    return HFScorer(model_cfg, plan.tokenizer, score_cfg.batch_size, resolve_device(score_cfg.device))
+
+
+def _announce(plan: ScorePlan, score_cfg: ScoreConfig, total: int) -> None:
+    share = f" ({plan.part}: {len(plan.part_hashes)} of the {total} examples)" if plan.part else ""
+    if not plan.units:
+        log(f"stage one: {plan.reused} of {len(plan.part_hashes)} examples of '{plan.list_name}'{share} are already "
+            f"in {plan.store.root}; nothing to score")
+        return
+    where = f" on {resolve_device(score_cfg.device)}" if score_cfg.backend == "hf" else ""
+    extra = f"; {plan.to_complete} stored examples get per-token values" if plan.to_complete else ""
+    log(f"stage one: {plan.reused} examples reused from the store, {plan.pending} to score with the "
+        f"{score_cfg.backend} backend{where}{share}{extra}")
+
+
+def _stopped(plan: ScorePlan, stats: ScoreStats) -> preemption.Preempted:
+    have = plan.store.hashes()
+    left = sum(1 for h in plan.part_hashes if h not in have)
+    share = f" of {plan.part}" if plan.part else ""
+    return preemption.Preempted(
+        f"stage one stopped on {preemption.signal_name() or 'a signal'} after committing the chunk in flight: "
+        f"{stats.scored} examples scored by this run are in {plan.store.root} ({stats.shards} shard(s)); "
+        f"{left} of the {len(plan.part_hashes)} examples{share} remain. Re-run the same command to continue "
+        "(committed chunks are kept; the rest is scored in the same batches)")
 
 
 def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, vllm_options=None,
               *, progress=True, list_role: str = "train") -> ScoreResult:
     """Score what the store lacks, then record the example list (``list_role``: ``train`` or ``heldout``)."""
     t0 = time.perf_counter()
+    if score_cfg.backend == "hf":
+        resolve_device(score_cfg.device)  # a device this machine lacks: refused before any work
     plan = setup(model_cfg, data_cfg, score_cfg, vllm_options=vllm_options, progress=progress)
-    total = len(plan.dataset)
-    tokens = 0
-    other = total - plan.reused - plan.pending
-    elsewhere = f" ({other} belong to other parts of the split)" if other else ""
-    if not plan.chunks:
-        log(f"stage one: {plan.reused} of {total} examples of '{plan.list_name}' are already in "
-            f"{plan.store.root}{elsewhere}; nothing to score")
-    else:
-        log(f"stage one: {plan.reused} examples reused from the store, {plan.pending} to score "
-            f"with the {score_cfg.backend} backend{elsewhere}")
-        if score_cfg.backend == "vllm":
-            scorer = VLLMAdapter(model_cfg, score_cfg, vllm_options, data_cfg.seed)
-        else:
-            scorer = HFScorer(model_cfg, plan.tokenizer, score_cfg.batch_size)
-        try:
-            tokens = score(plan, scorer, score_cfg, progress=progress)
-        finally:
-            scorer.close()
-    name = plan.store.record_list(plan.list_name, plan.hashes, role=list_role, mixture_sha256=mixture_digest(data_cfg),
+    stats = ScoreStats()
+    try:
+        _announce(plan, score_cfg, len(plan.dataset))
+        if plan.units:
+            with preemption.graceful_stop():
+                scorer = make_scorer(model_cfg, data_cfg, score_cfg, plan, vllm_options)
+                try:
+                    stats = score(plan, scorer, score_cfg, progress=progress)
+                finally:
+                    scorer.close()
+                if stats.stopped:
+                    _record(plan, data_cfg, score_cfg, list_role)
+                    raise _stopped(plan, stats)
+        name = _record(plan, data_cfg, score_cfg, list_role)
+    finally:
+        plan.store.close()
+    return ScoreResult(str(plan.store.root), name, len(plan.dataset), stats.scored,
+                       len(plan.part_hashes) - stats.scored, time.perf_counter() - t0, stats.tokens,
+                       plan.data_stats, plan.part, len(plan.part_hashes), stats.completed)
+
+
+def _record(plan: ScorePlan, data_cfg: DataConfig, score_cfg: ScoreConfig, role: str) -> str:
+    """Record the example list (a default name already holding another mixture gets a suffix); returns its name."""
+    return plan.store.record_list(plan.list_name, plan.hashes, role=role, mixture_sha256=mixture_digest(data_cfg),
                                   rename_if_taken=score_cfg.store_dataset is None)
-    return ScoreResult(str(plan.store.root), name, total, plan.pending, plan.reused,
-                       time.perf_counter() - t0, tokens, plan.data_stats)
