@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from dpocache.logprobs import trained_positions
+
 SIDES = ("chosen", "rejected")
 EXAMPLE_COLUMNS = ["hash", "chosen_input_ids", "chosen_mask", "rejected_input_ids", "rejected_mask"]
 
@@ -113,6 +115,7 @@ class HostBatch:
     attn: torch.Tensor      # [k, T] int64, 1 on real tokens
     tmask: torch.Tensor     # [k, T] int64, 1 on trainable tokens
     tokens: int
+    positions: torch.Tensor | None = None  # [2, N] (row, column) of the positions whose next token is trained
 
 
 def token_positions(chunk: ChunkData, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,7 +137,8 @@ def build_batch(chunk: ChunkData, seqs: np.ndarray, pad_id: int, *, pin: bool) -
     ids.numpy()[rows, cols] = chunk.ids[src]
     attn.numpy()[rows, cols] = 1
     tmask.numpy()[rows, cols] = chunk.mask[src]
-    return HostBatch(seqs, ids, attn, tmask, len(src))
+    positions = trained_positions(tmask)  # computed here, so the forward never asks the device for them
+    return HostBatch(seqs, ids, attn, tmask, len(src), positions.pin_memory() if pin else positions)
 
 
 class _Failed:

@@ -83,14 +83,15 @@ class HFScorer:
         return prefetch(build_batch(chunk, seqs, self.pad_id, pin=self.pin)
                         for seqs in batch_order(chunk, self.batch_size))
 
-    def to_device(self, batch: HostBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(t.to(self.device, non_blocking=self.pin) for t in (batch.ids, batch.attn, batch.tmask))
+    def to_device(self, batch: HostBatch) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(self.device, non_blocking=self.pin)
+                     for t in (batch.ids, batch.attn, batch.tmask, batch.positions))
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, attn: torch.Tensor, tmask: torch.Tensor):
+    def forward(self, ids: torch.Tensor, attn: torch.Tensor, tmask: torch.Tensor, positions: torch.Tensor):
         """On the device: per-token values ``[k, T]`` fp32 (0 off the mask) and ``[2, k]`` float64 (sums,
-        trainable-token counts)."""
-        values = self.logps(ids, attn, tmask).float().masked_fill(tmask == 0, 0.0)
+        trainable-token counts). ``positions``: the host-computed trained positions (no device sync)."""
+        values = self.logps(ids, attn, tmask, None, positions).float().masked_fill(tmask == 0, 0.0)
         packed = torch.stack([values.double().sum(dim=1), tmask.sum(dim=1).double()])
         return values, packed
 
