@@ -152,13 +152,13 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
         held_metrics = heldout_metrics(state, first, held_data, train_cfg, run_cfg, progress=progress)
         if is_main:
             summary.update(held_metrics)
+    summary["config"] = to_dict(model_cfg, data_cfg, score_cfg, train_cfg, run_cfg)
     if is_main:
         try:
-            summary["plots"] = [str(p) for p in plot_metrics(train_cfg.output_dir)]
+            summary["plots"] = [str(p) for p in plot_metrics(train_cfg.output_dir, summary=summary)]
         except ConfigError as exc:
             log(f"plots skipped: {exc}")
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    summary["config"] = to_dict(model_cfg, data_cfg, score_cfg, train_cfg, run_cfg)
     if is_main:
         atomic_write_json(Path(train_cfg.output_dir) / "summary.json", summary)
         log(format_summary(summary))
