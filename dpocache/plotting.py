@@ -2,13 +2,14 @@
 
 Contract: :func:`plot_metrics` writes one chart per panel of :data:`PANELS` whose metrics were logged
 (loss, reward accuracy, reward margin, rewards, log-probs, learning rate) and returns their paths. Each
-chart draws the logged values as a faint line and their exponential moving average (EMA) over it, labels
-both axes with units (the learning rate, a schedule, is drawn as logged), keeps the legend outside the plotting area, and names the run in its title (the
-tracker ``run_name`` when set, else the output directory's name). The held-out figures of a ``run``
-(``heldout_reward_accuracy``, ``heldout_reward_margin`` in ``summary.json``, or the ``summary`` passed in)
-are drawn as points at the last training step. The log-prob chart says what the loss used: per-token
-averages (``dpo_norm``, ``simpo``, ``ipo``) or sums over the response (the other losses), read from the
-run's configuration (``summary.json``, else the model card's). Files are replaced atomically.
+chart draws the logged values as a faint line and their exponential moving average (EMA) over it (the
+learning rate, a schedule, is drawn as logged), labels both axes with units, keeps the legend outside the
+plotting area, and names the run in its title (the tracker ``run_name`` when set, else the output
+directory's name). The held-out figures of a ``run`` (``heldout_reward_accuracy``,
+``heldout_reward_margin`` in ``summary.json``, or the ``summary`` passed in) are drawn as points at the
+last training step. The log-prob chart says what the loss used: per-token averages (``dpo_norm``,
+``simpo``, ``ipo``) or sums over the response (the other losses), read from the run's configuration
+(``summary.json``, else the model card's). Files are replaced atomically.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ PANELS = (
 )
 
 RAW_ALPHA = 0.3
+HELDOUT_COLOR = "#d62728"  # red: not one of the series colours (blue, orange)
 
 
 def ema(values: list[float], span: int) -> list[float]:
@@ -141,11 +143,11 @@ def _draw_panel(plt, panel: Panel, rows: list[dict], info: RunInfo, last_step):
         else:
             ax.plot(steps, values, color=color, linewidth=2, marker="o" if len(values) < 30 else None,
                     markersize=3, label=f"{key} (logged)")
-    for j, (key, label) in enumerate(panel.heldout):
+    for key, label in panel.heldout:
         value = info.summary.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value) and last_step is not None:
             pairs = info.summary.get("heldout_examples")
-            ax.plot([last_step], [value], linestyle="none", marker="*", markersize=14, color="black",
+            ax.plot([last_step], [value], linestyle="none", marker="*", markersize=14, color=HELDOUT_COLOR,
                     label=f"{label}: {value:.3g}" + (f" ({pairs} pairs)" if pairs else ""), zorder=5)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
