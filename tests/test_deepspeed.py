@@ -23,6 +23,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs"
 KEYS = ("train_loss", "logps/chosen", "logps/rejected", "rewards/margin", "rewards/accuracy")
 
 
+pytestmark = pytest.mark.slow  # multi-process launches
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
     return score_rows(tmp_path_factory.mktemp("ds_store"), tiny_model_dir, conversational_rows(24, seed=11))
@@ -54,7 +57,6 @@ def single_run(tiny_model_dir, store, tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_matches_single_process_and_resumes(stage, tiny_model_dir, store, single_run, tmp_path):
     out = tmp_path / f"zero{stage}"
@@ -107,7 +109,6 @@ def test_deepspeed_config_conflicts_are_named(tiny_model_dir, store, tmp_path):
     assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
-@pytest.mark.slow
 def test_run_under_zero3_evaluates_on_every_rank(tiny_model_dir, tmp_path):
     """`dpocache run` under ZeRO-3: the held-out forwards gather partitioned parameters, so every rank runs
     them; rank 0 records the figures."""

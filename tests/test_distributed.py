@@ -13,6 +13,9 @@ from conftest import assert_heldout_matches, conversational_rows, cpu_env, free_
 from dpocache.stages.train.tracking import read_jsonl
 
 
+pytestmark = pytest.mark.slow  # multi-process launches
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_model_dir):
     return score_rows(tmp_path_factory.mktemp("ddp_store"), tiny_model_dir, conversational_rows(24, seed=5))

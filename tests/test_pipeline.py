@@ -30,6 +30,7 @@ def run_args(tiny_model_dir, train, held, store, out, *extra):
             "--beta", "0.5", "--warmup_ratio", "0", "--logging_steps", "2", *extra]
 
 
+@pytest.mark.slow
 def test_run_end_to_end_then_reuse(tiny_model_dir, data_files, tmp_path, capsys):
     train, held = data_files
     store, out = tmp_path / "store", tmp_path / "out"
@@ -64,6 +65,7 @@ def test_run_end_to_end_then_reuse(tiny_model_dir, data_files, tmp_path, capsys)
     assert "nothing to score" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_score_then_train_from_store_alone(tiny_model_dir, data_files, tmp_path):
     train, _ = data_files
     store, out = tmp_path / "store", tmp_path / "out"

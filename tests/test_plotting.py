@@ -21,7 +21,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     out = root / "my-run"
     assert main(["train", "--model_name_or_path", str(tiny_model_dir), "--store", str(store), "--output_dir",
                  str(out), "--loss_type", "dpo", "--beta", "0.2", "--learning_rate", "3e-3",
-                 "--per_device_train_batch_size", "4", "--max_train_steps", "24", "--checkpointing_steps", "none"]) == 0
+                 "--per_device_train_batch_size", "4", "--max_train_steps", "16", "--checkpointing_steps", "none"]) == 0
     return out
 
 
@@ -42,7 +42,7 @@ def test_plot_writes_every_chart_and_draws_heldout_points(trained, capsys):
     assert all(red_pixels(plots / name) == 0 for name in CHARTS)  # no summary.json: no held-out points
     without = {name: (plots / name).read_bytes() for name in CHARTS}
 
-    (trained / "summary.json").write_text(json.dumps({"train_steps": 24, "heldout_examples": 8,
+    (trained / "summary.json").write_text(json.dumps({"train_steps": 16, "heldout_examples": 8,
                                                       "heldout_reward_accuracy": 0.75, "heldout_reward_margin": 0.5}))
     try:
         assert main(["plot", str(trained)]) == 0

@@ -67,6 +67,7 @@ def reference_store(tmp_path_factory, tiny_model_dir, data):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after_shards", [1, 5])
 def test_kill9_then_rerun_equals_uninterrupted(tiny_model_dir, data, reference_store, tmp_path, kill_after_shards):
     """SIGKILL once the manifest lists ``kill_after_shards`` shards, wherever scoring is then. The scorer pauses a
@@ -100,6 +101,7 @@ def test_incremental_scores_only_new_examples(tiny_model_dir, data, reference_st
     assert len(after) == 150 and all(after[h] == row for h, row in before.items())
 
 
+@pytest.mark.slow
 def test_two_parts_then_merge_equals_single(tiny_model_dir, data, reference_store, tmp_path):
     parts = []
     for i in range(2):

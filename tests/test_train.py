@@ -46,6 +46,7 @@ def test_same_seed_is_bit_reproducible(tiny_model_dir, scored_store, tmp_path):
     assert losses(tmp_path / "x") == pytest.approx(losses(tmp_path / "y"), abs=run_tolerance(0.0, 1e-5))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_losses(tiny_model_dir, scored_store, tmp_path):
     """32 pairs in batches of 4 for 2 epochs: 16 steps, a checkpoint every 2, the newest 2 kept. The run is killed
     with SIGKILL at a known point: step 8's checkpoint fully written in its staging directory but not yet renamed
