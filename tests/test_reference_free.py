@@ -63,6 +63,7 @@ def test_reference_losses_still_need_a_store(tiny_model_dir, data, tmp_path, cap
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_run_simpo_skips_stage_one(tiny_model_dir, data, tmp_path, capsys, _isolated_home):
     train, held, _ = data
     store, out = tmp_path / "store", tmp_path / "out"

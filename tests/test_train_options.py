@@ -74,6 +74,7 @@ def test_weight_decay_shrinks_weights_by_lr_times_decay(tiny_model_dir, store, t
         assert torch.allclose(decayed[k] - plain[k], expected, rtol=1e-3, atol=run_tolerance(1e-8, 1e-7)), k
 
 
+@pytest.mark.slow
 def test_checkpoint_at_epoch_end(tiny_model_dir, store, tmp_path):
     """16 pairs in batches of 4: 4 steps an epoch, 3 epochs. The last step saves the final model, not a
     checkpoint; --checkpointing_steps adds its own; a resume from an epoch end continues exactly."""
