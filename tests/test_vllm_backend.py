@@ -89,8 +89,8 @@ def test_vllm_scored_store_trains_like_hf(model32, tmp_path):
     delta = max(float(np.abs(a[c].to_numpy() - b[c].to_numpy()).max()) for c in ("ref_chosen_logps",
                                                                               "ref_rejected_logps"))
     assert len(losses["hf"]) == len(losses["vllm"]) == 3
-    assert abs(losses["vllm"][0] - losses["hf"][0]) <= 2 * beta * delta + 1e-7 + run_tolerance(0, 1e-5)
-    assert losses["vllm"] == pytest.approx(losses["hf"], abs=4 * beta * delta + 1e-7 + run_tolerance(0, 1e-5))
+    assert abs(losses["vllm"][0] - losses["hf"][0]) <= 2 * beta * delta + 1e-7 + run_tolerance(0, 1e-5), (delta, losses)
+    assert losses["vllm"] == pytest.approx(losses["hf"], abs=4 * beta * delta + 1e-7 + run_tolerance(0, 1e-5)), delta
     assert losses["hf"][0] != pytest.approx(losses["hf"][2], abs=1e-4)  # training moved
 
 
