@@ -184,8 +184,8 @@ def start_pausing_cli(args: list[str], marker: Path, *, target: str, times: int 
     import sys
 
     code = PAUSING_CLI.format(target=target, times=times, before=before, marker=str(marker), args=list(args))
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=env)
+    with open(marker.with_name(marker.name + ".stderr"), "w") as err:  # a file: a full pipe would block the child
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=err, env=env)
 
 
 def sigkill_when(proc, ready, marker: Path | None = None, timeout: float = 600) -> None:
@@ -197,8 +197,9 @@ def sigkill_when(proc, ready, marker: Path | None = None, timeout: float = 600) 
     try:
         while not (ready() or (marker is not None and marker.exists())):
             if proc.poll() is not None:
-                raise AssertionError(f"the process ended (exit {proc.returncode}) before its kill point: "
-                                     f"{proc.stderr.read()[-3000:] if proc.stderr else ''}")
+                log = marker.with_name(marker.name + ".stderr") if marker is not None else None
+                tail = log.read_text()[-3000:] if log is not None and log.is_file() else ""
+                raise AssertionError(f"the process ended (exit {proc.returncode}) before its kill point: {tail}")
             if time.monotonic() > deadline:
                 raise AssertionError("the process did not reach its kill point in time")
             time.sleep(0.01)

@@ -51,7 +51,8 @@ def kill_after(path: Path, shards: int) -> None:
     """SIGKILL a writer once the manifest lists ``shards`` shards, wherever it then is; the writer pauses at row
     2 * shards + 4 (rows are written in order, two a shard, so ``shards`` are listed by then)."""
     marker = path.parent / f"paused-{shards}"
-    proc = subprocess.Popen(writer_cmd(path, pause_at=2 * shards + 4, marker=marker), stderr=subprocess.PIPE)
+    with open(marker.with_name(marker.name + ".stderr"), "w") as err:
+        proc = subprocess.Popen(writer_cmd(path, pause_at=2 * shards + 4, marker=marker), stderr=err)
     sigkill_when(proc, lambda: shards_in_manifest(path) >= shards, marker, timeout=120)
 
 
