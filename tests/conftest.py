@@ -132,3 +132,159 @@ def run_on_small_disk(directory: Path, size: str, cmd: list[str], timeout: int =
     if done.returncode == 97:
         raise RuntimeError(f"cannot mount a tmpfs for the full-disk test: {done.stderr}")
     return done
+
+
+# --- where the code under test computes -------------------------------------------------------------------------
+
+def on_gpu() -> bool:
+    """Both stages compute on ``cuda:0`` when a GPU is present (``dpocache.devices.resolve_device``), on the CPU
+    otherwise. CPU runs are bit-reproducible; CUDA kernels (atomics in backward, other reduction orders) are
+    not, so tests that expect exact equality on the CPU allow :func:`run_tolerance` on a GPU."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_tolerance(cpu: float = 0.0, gpu: float = 1e-4) -> float:
+    """Absolute tolerance for values computed by the code under test: ``cpu`` on the CPU, ``gpu`` on a GPU."""
+    return gpu if on_gpu() else cpu
+
+
+def cpu_env(**extra: str) -> dict:
+    """Environment of a subprocess that must compute on the CPU: multi-process tests run gloo on the CPU (two
+    ranks cannot each own a device on a one-GPU machine), and their single-process references run there too."""
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **extra)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for launchers' rendezvous): fixed ports collide between runs."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- killing a process at a known point --------------------------------------------------------------------------
+
+PAUSING_CLI = """
+import os, sys, time
+target, times, before, marker = {target!r}, {times!r}, {before!r}, {marker!r}
+real_replace, seen = os.replace, [0]
+
+def pause():
+    open(marker, "w").close()
+    time.sleep(600)
+    os._exit(99)
+
+def replace(src, dst, *args, **kwargs):
+    hit = os.path.basename(os.fspath(dst)) == target
+    if hit and before and seen[0] + 1 >= times:
+        pause()
+    real_replace(src, dst, *args, **kwargs)
+    if hit:
+        seen[0] += 1
+        if seen[0] >= times:
+            pause()
+
+os.replace = replace
+from dpocache.cli import main
+sys.exit(main({args!r}))
+"""
+
+
+def start_pausing_cli(args: list[str], marker: Path, *, target: str, times: int = 1, before: bool = False,
+                      env: dict | None = None):
+    """Start ``dpocache ARGS`` in a subprocess that stops (sleeps) at a known point: when a file named ``target`` is
+    renamed into place (``os.replace``) for the ``times``-th time, just ``before`` or after the rename. It then
+    creates ``marker``. The real code runs unchanged; the pause only makes the moment of a kill certain."""
+    import subprocess
+    import sys
+
+    code = PAUSING_CLI.format(target=target, times=times, before=before, marker=str(marker), args=list(args))
+    with open(marker.with_name(marker.name + ".stderr"), "w") as err:  # a file: a full pipe would block the child
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=err, env=env)
+
+
+def sigkill_when(proc, ready, marker: Path | None = None, timeout: float = 600) -> None:
+    """SIGKILL ``proc`` once ``ready()`` holds or it created ``marker`` (its pause point: it cannot finish first)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while not (ready() or (marker is not None and marker.exists())):
+            if proc.poll() is not None:
+                log = marker.with_name(marker.name + ".stderr") if marker is not None else None
+                tail = log.read_text()[-3000:] if log is not None and log.is_file() else ""
+                raise AssertionError(f"the process ended (exit {proc.returncode}) before its kill point: {tail}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the process did not reach its kill point in time")
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# --- held-out figures, recomputed independently --------------------------------------------------------------------
+
+AVERAGED_BY_HAND = {"dpo_norm", "ipo", "simpo"}  # losses on per-token averages (open-instruct, TRL)
+
+
+def recompute_heldout(out_dir: Path) -> dict:
+    """Held-out reward accuracy and margin of the model saved in ``out_dir``, computed without dpocache's
+    training code: the held-out file tokenized by the data layer with the saved tokenizer, the policy's
+    per-token log-probs from a plain transformers forward (one unpadded sequence at a time, fp32
+    log-softmax), the reference sums and counts read from the store by example hash, and the loss's beta and
+    averaging from the run's configuration in ``summary.json``."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpocache.artifacts import ReferenceStore
+    from dpocache.data import DataConfig, load_preference_data
+
+    summary = json.loads((out_dir / "summary.json").read_text())
+    cfg = summary["config"]
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    data = load_preference_data(DataConfig(dataset=cfg["heldout_dataset"], max_seq_length=cfg["max_seq_length"]),
+                                tok, progress=False)
+    rows = {r["hash"]: r for r in data.dataset}
+    store = ReferenceStore.open(summary["store"])
+    ref, missing = store.read_rows(list(data.hashes), ["ref_chosen_logps", "ref_rejected_logps",
+                                                       "ref_chosen_tokens", "ref_rejected_tokens"])
+    assert missing == 0
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    averaged, beta = cfg["loss_type"] in AVERAGED_BY_HAND, cfg["beta"]
+    margins = []
+    with torch.no_grad():
+        for k, h in enumerate(data.hashes):
+            log_ratio = []
+            for side in ("chosen", "rejected"):
+                ids = torch.tensor([rows[h][f"{side}_input_ids"]])
+                logps = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0, :-1]
+                token = logps.gather(-1, ids[0, 1:, None])[:, 0]
+                mask = torch.tensor(rows[h][f"{side}_mask"][1:], dtype=torch.bool)
+                count = int(mask.sum())
+                assert count == ref[f"ref_{side}_tokens"][k].as_py()  # the store counted the same tokens
+                policy, reference = float(token[mask].sum()), ref[f"ref_{side}_logps"][k].as_py()
+                if averaged:
+                    policy, reference = policy / count, reference / count
+                log_ratio.append(policy - reference)
+            margins.append(beta * (log_ratio[0] - log_ratio[1]))
+    margins = np.array(margins)
+    return {"pairs": len(margins), "accuracy": float((margins > 0).mean()), "margin": float(margins.mean()),
+            "near_zero": int((np.abs(margins) < 1e-3).sum())}
+
+
+def assert_heldout_matches(out_dir: Path) -> dict:
+    """``summary.json``'s held-out reward accuracy and margin equal an independent recomputation."""
+    summary = json.loads((out_dir / "summary.json").read_text())
+    mine = recompute_heldout(out_dir)
+    assert summary["heldout_examples"] == mine["pairs"]
+    # a pair whose margin is within rounding of 0 may count either way; no other may differ
+    assert abs(summary["heldout_reward_accuracy"] - mine["accuracy"]) <= mine["near_zero"] / mine["pairs"] + 1e-12
+    tol = run_tolerance(cpu=1e-4, gpu=1e-3) * max(1.0, abs(mine["margin"]))
+    assert abs(summary["heldout_reward_margin"] - mine["margin"]) <= tol, (summary["heldout_reward_margin"], mine)
+    return mine

@@ -158,18 +158,46 @@ def test_schema_variants_of_public_preference_sets(tokenizer, tmp_path):
         prepared(tokenizer, dataset=str(path))
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("tulu", "<|system|>\nS\n<|user|>\nQ\n<|assistant|>\nA<|im_end|>\n<|user|>\nQ2\n<|assistant|>\nA2<|im_end|>"),
-    ("olmo", "<|im_start|><|system|>\nS\n<|user|>\nQ\n<|assistant|>\nA<|im_end|>\n<|user|>\nQ2\n<|assistant|>\n"
-             "A2<|im_end|>"),
-    ("chatml", "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n"
-               "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n"),
+CARD_REPLY = ("I'm just a computer program, so I don't have feelings, but I'm functioning as expected. "
+              "How can I assist you today?")
+CARD_CHAT = [{"role": "user", "content": "How are you doing?"}, {"role": "assistant", "content": CARD_REPLY}]
+MULTI_TURN = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+              {"role": "assistant", "content": "Goodbye."}]
+
+
+@pytest.mark.parametrize("name, chat, expected", [
+    # allenai/Llama-3.1-Tulu-3-8B model card, "Chat template"
+    ("tulu", CARD_CHAT, "<|user|>\nHow are you doing?\n<|assistant|>\n" + CARD_REPLY + "<|endoftext|>"),
+    # allenai/OLMo-2-1124-7B-Instruct model card, "Chat template" (the OLMo 2 tokenizer: bos = eos = <|endoftext|>)
+    ("olmo", CARD_CHAT, "<|endoftext|><|user|>\nHow are you doing?\n<|assistant|>\n" + CARD_REPLY + "<|endoftext|>"),
+    # Tulu's documented turns: <|system|>/<|user|>/<|assistant|> headers on their own line, each reply closed by EOS,
+    # and a newline before the next turn
+    ("tulu", MULTI_TURN, "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello.<|endoftext|>\n<|user|>\nBye\n"
+                         "<|assistant|>\nGoodbye.<|endoftext|>"),
+    # ChatML as OpenAI documented it (and Qwen's cards render it): every message <|im_start|>ROLE\n...<|im_end|>\n
+    ("chatml", MULTI_TURN, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                           "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+                           "<|im_start|>assistant\nGoodbye.<|im_end|>\n"),
 ])
-def test_builtin_templates_render_as_written(tokenizer, name, expected):
+def test_builtin_templates_render_as_published(tokenizer, name, chat, expected):
+    """The built-in templates render conversations exactly as their model cards show them, with the special
+    tokens of the tokenizers they ship with (Tulu 3 / OLMo 2 cards: EOS and BOS <|endoftext|>)."""
+    tokenizer.eos_token = tokenizer.bos_token = "<|endoftext|>"
     tokenizer.chat_template = CHAT_TEMPLATES[name]
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
-            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
-    assert tokenizer.apply_chat_template(msgs, tokenize=False) == expected
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == expected
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("tulu", "<|user|>\nYour message here!\n<|assistant|>\n"),  # Tulu 2 card: "add a newline after <|assistant|>"
+    ("olmo", "<|endoftext|><|user|>\nYour message here!\n<|assistant|>\n"),
+    ("chatml", "<|im_start|>user\nYour message here!<|im_end|>\n<|im_start|>assistant\n"),
+])
+def test_builtin_templates_generation_prompt(tokenizer, name, expected):
+    tokenizer.eos_token = tokenizer.bos_token = "<|endoftext|>"
+    tokenizer.chat_template = CHAT_TEMPLATES[name]
+    chat = [{"role": "user", "content": "Your message here!"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == expected
 
 
 def test_tulu_template_masks_and_truncation(tokenizer, tmp_path):

@@ -1,10 +1,14 @@
 """Efficiency switches of stage two change cost, not results: chunked log-probs vs full logits, partial
-gradient checkpointing (activation memory budget), the Liger switch on a machine without a GPU; bf16
-autocast really computes in bf16 while staying close to fp32."""
+gradient checkpointing (activation memory budget; the layers really are recomputed in backward), the Liger
+switch (its kernels on a GPU, a message and the plain kernels without one); bf16 autocast really computes in
+bf16 while staying close to fp32. Tolerances depend on the device the code runs on (exact CPU kernels,
+non-deterministic CUDA reductions)."""
+
+from collections import Counter
 
 import pytest
 import torch
-from conftest import conversational_rows, make_tiny_llama, score_rows
+from conftest import conversational_rows, make_tiny_llama, run_tolerance, score_rows
 from transformers import AutoModelForCausalLM
 
 from dpocache.cli import main
@@ -54,18 +58,18 @@ def assert_same(a, b, tol):
 def test_full_logits_path_trains_identically(deep_model, store, baseline, tmp_path, capsys):
     plain = train(deep_model, store, tmp_path / "plain", "--fused_logps", "false")
     assert "log-probs: full logits; AdamW: fused" in capsys.readouterr().out
-    assert_same(baseline, plain, 1e-5)
+    assert_same(baseline, plain, run_tolerance(1e-5, 1e-4))
 
 
 def test_fused_and_for_each_adamw_train_alike(deep_model, store, baseline, baseline_dir, tmp_path, capsys):
     loop = train(deep_model, store, tmp_path / "loop", "--fused_optimizer", "false")
     assert "AdamW: for-each" in capsys.readouterr().out
-    assert_same(baseline, loop, 1e-5)  # steps 2 and 3 see the weights each optimizer produced
+    assert_same(baseline, loop, run_tolerance(1e-5, 1e-4))  # steps 2 and 3 see the weights each optimizer produced
     start, fused, for_each = (AutoModelForCausalLM.from_pretrained(p).state_dict()
                               for p in (deep_model, baseline_dir, tmp_path / "loop"))
     moved = max((fused[k] - start[k]).abs().max().item() for k in start)
     apart = max((fused[k] - for_each[k]).abs().max().item() for k in start)
-    assert moved > 1e-3 and apart < 1e-6
+    assert moved > 1e-3 and apart < run_tolerance(1e-6, 1e-5)
 
 
 def test_activation_memory_budget_checkpoints_a_fraction_of_layers(deep_model):
@@ -78,10 +82,30 @@ def test_activation_memory_budget_checkpoints_a_fraction_of_layers(deep_model):
         assert flags == expected, budget
 
 
-@pytest.mark.parametrize("budget", ["0", "0.5"])
-def test_gradient_checkpointing_keeps_results(deep_model, store, baseline, tmp_path, budget):
-    run = train(deep_model, store, tmp_path / "gc", "--gradient_checkpointing", "--activation_memory_budget", budget)
-    assert_same(baseline, run, 1e-6)
+def count_decoder_layer_calls(monkeypatch) -> list[tuple[int, bool]]:
+    """Record (layer index, inside backward) for every call of the real Llama decoder layer's forward."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    calls, real = [], LlamaDecoderLayer.forward
+
+    def forward(self, *args, **kwargs):
+        calls.append((self.self_attn.layer_idx, torch._C._current_graph_task_id() != -1))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", forward)
+    return calls
+
+
+@pytest.mark.parametrize("budget, recomputed", [(None, []), ("0", [0, 1, 2, 3]), ("0.5", [0, 1])])
+def test_gradient_checkpointing_recomputes_layers_and_keeps_results(deep_model, store, baseline, tmp_path, budget,
+                                                                    recomputed, monkeypatch):
+    calls = count_decoder_layer_calls(monkeypatch)
+    flags = [] if budget is None else ["--gradient_checkpointing", "--activation_memory_budget", budget]
+    run = train(deep_model, store, tmp_path / "gc", *flags)
+    assert_same(baseline, run, run_tolerance(1e-6, 1e-5))
+    # each checkpointed layer runs its forward again in backward: once per micro-batch (3 steps of one)
+    assert Counter(i for i, in_backward in calls if in_backward) == {i: 3 for i in recomputed}
+    assert Counter(i for i, in_backward in calls if not in_backward)[3] >= 3  # the forward passes themselves
 
 
 def test_liger_switch(deep_model, store, baseline, tmp_path, capsys):

@@ -178,6 +178,7 @@ def assert_no_token_anywhere(done: subprocess.CompletedProcess, out) -> None:
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_push_uploads_the_saved_model_in_one_commit(tiny_model_dir, store, tmp_path, hub):
     out = tmp_path / "out"
     out.mkdir()
@@ -219,6 +220,7 @@ def test_push_without_token_fails_before_training(tiny_model_dir, store, tmp_pat
     assert not (out / "model.safetensors").exists() and not (out / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_unreachable_hub_keeps_the_local_model_and_says_how_to_retry(tiny_model_dir, store, tmp_path, hub):
     out = tmp_path / "out"
     done = push_train(tiny_model_dir, store, out, hub_env(tmp_path, f"http://127.0.0.1:{closed_port()}"))
@@ -237,6 +239,7 @@ def test_unreachable_hub_keeps_the_local_model_and_says_how_to_retry(tiny_model_
     assert TOKEN not in again.stdout + again.stderr
 
 
+@pytest.mark.slow
 def test_offline_mode_is_a_clear_error(tiny_model_dir, store, tmp_path, hub):
     out = tmp_path / "out"
     done = push_train(tiny_model_dir, store, out, hub_env(tmp_path, hub.url, offline=True))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import conversational_rows, write_jsonl
+from conftest import conversational_rows, run_tolerance, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpocache.cli import main
@@ -63,6 +63,7 @@ def test_reference_losses_still_need_a_store(tiny_model_dir, data, tmp_path, cap
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_run_simpo_skips_stage_one(tiny_model_dir, data, tmp_path, capsys, _isolated_home):
     train, held, _ = data
     store, out = tmp_path / "store", tmp_path / "out"
@@ -101,7 +102,8 @@ def test_run_simpo_skips_stage_one(tiny_model_dir, data, tmp_path, capsys, _isol
             wins.append(avg[0] > avg[1])
             margins.append(avg[0] - avg[1])
     assert summary["heldout_policy_preference_accuracy"] == pytest.approx(sum(wins) / len(wins))
-    assert summary["heldout_policy_logp_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+    assert summary["heldout_policy_logp_margin"] == pytest.approx(sum(margins) / len(margins),
+                                                                  abs=run_tolerance(1e-4, 1e-3))
 
 
 def test_storeless_simpo_resumes(tiny_model_dir, data, tmp_path, capsys):
@@ -115,7 +117,7 @@ def test_storeless_simpo_resumes(tiny_model_dir, data, tmp_path, capsys):
     capsys.readouterr()
     assert main(simpo_args(tiny_model_dir, data[0], full, *common, "--resume_from_checkpoint", "auto")) == 0
     assert "at step 4" in capsys.readouterr().out
-    assert losses(full) == reference
+    assert losses(full) == pytest.approx(reference, abs=run_tolerance(0.0, 1e-5))  # exact on the CPU
     assert [r["training_step"] for r in read_jsonl(full / "metrics.jsonl")] == list(range(1, 7))
 
     # the settings identify the data: other pairs (same count, same steps) cannot resume this run

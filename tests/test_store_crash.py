@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import sigkill_when
 from test_store_rows import IDENTITY, make_row, sorted_rows, write_rows
 
 from dpocache.artifacts import ReferenceStore, inspect_store
 
 N = 240
 WRITER = """
-import sys
+import sys, time
 sys.path.insert(0, {tests!r})
 from test_store_rows import IDENTITY, make_row
 from dpocache.artifacts import ReferenceStore
@@ -28,12 +26,17 @@ with store.writer(rows_per_shard={per_shard}) as w:
         row = make_row(i, token_logps=True)
         if row["hash"] not in have:
             w.add(row)
+        if i == {pause_at}:  # stop here (mid-shard, a row buffered) until killed: it can never finish first
+            open({marker!r}, "w").close()
+            time.sleep(600)
+            sys.exit(99)
 """
 
 
-def writer_cmd(path: Path, start: int = 0, stop: int = N, per_shard: int = 2) -> list[str]:
+def writer_cmd(path: Path, start: int = 0, stop: int = N, per_shard: int = 2, pause_at: int = -1,
+               marker: Path | None = None) -> list[str]:
     code = WRITER.format(tests=str(Path(__file__).parent), path=str(path), start=start, stop=stop,
-                         per_shard=per_shard)
+                         per_shard=per_shard, pause_at=pause_at, marker=str(marker))
     return [sys.executable, "-c", code]
 
 
@@ -45,13 +48,12 @@ def shards_in_manifest(path: Path) -> int:
 
 
 def kill_after(path: Path, shards: int) -> None:
-    proc = subprocess.Popen(writer_cmd(path), stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while proc.poll() is None and shards_in_manifest(path) < shards and time.time() < deadline:
-        time.sleep(0.002)
-    assert proc.poll() is None, f"writer ended before it could be killed: {proc.stderr.read()!r}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    """SIGKILL a writer once the manifest lists ``shards`` shards, wherever it then is; the writer pauses at row
+    2 * shards + 4 (rows are written in order, two a shard, so ``shards`` are listed by then)."""
+    marker = path.parent / f"paused-{shards}"
+    with open(marker.with_name(marker.name + ".stderr"), "w") as err:
+        proc = subprocess.Popen(writer_cmd(path, pause_at=2 * shards + 4, marker=marker), stderr=err)
+    sigkill_when(proc, lambda: shards_in_manifest(path) >= shards, marker, timeout=120)
 
 
 @pytest.fixture(scope="module")

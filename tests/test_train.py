@@ -1,13 +1,10 @@
-"""Stage two in depth: accumulation equivalence, exact resume after SIGKILL, pruning, settings checks."""
+"""Stage two in depth: accumulation equivalence, exact resume after SIGKILL, pruning, settings checks.
 
-import os
-import signal
-import subprocess
-import sys
-import time
+Runs on the CPU are bit-reproducible and compared exactly; on a GPU (non-deterministic CUDA reductions) the
+comparisons allow a small tolerance."""
 
 import pytest
-from conftest import conversational_rows, score_rows
+from conftest import conversational_rows, run_tolerance, score_rows, sigkill_when, start_pausing_cli
 
 from dpocache.cli import main
 from dpocache.stages.train.checkpoint import complete_checkpoints
@@ -38,7 +35,7 @@ def test_accumulation_is_a_larger_batch(tiny_model_dir, scored_store, tmp_path):
                            "--gradient_accumulation_steps", "8", "--max_train_steps", "3")) == 0
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb) == 3
-    assert la == pytest.approx(lb, abs=1e-5)
+    assert la == pytest.approx(lb, abs=run_tolerance(1e-5, 1e-4))
     assert la[0] != pytest.approx(la[2], abs=1e-4)  # training moved
 
 
@@ -46,10 +43,14 @@ def test_same_seed_is_bit_reproducible(tiny_model_dir, scored_store, tmp_path):
     for name in ("x", "y"):
         assert main(train_args(tiny_model_dir, scored_store, tmp_path / name, "--per_device_train_batch_size",
                                "4", "--max_train_steps", "3")) == 0
-    assert losses(tmp_path / "x") == losses(tmp_path / "y")
+    assert losses(tmp_path / "x") == pytest.approx(losses(tmp_path / "y"), abs=run_tolerance(0.0, 1e-5))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_losses(tiny_model_dir, scored_store, tmp_path):
+    """32 pairs in batches of 4 for 2 epochs: 16 steps, a checkpoint every 2, the newest 2 kept. The run is killed
+    with SIGKILL at a known point: step 8's checkpoint fully written in its staging directory but not yet renamed
+    into place (the process pauses there, so the kill can never come too late)."""
     common = ["--per_device_train_batch_size", "4", "--num_epochs", "2", "--checkpointing_steps", "2",
               "--keep_last_n_checkpoints", "2"]
     full = tmp_path / "full"
@@ -57,27 +58,21 @@ def test_resume_after_sigkill_reproduces_losses(tiny_model_dir, scored_store, tm
     reference = losses(full)
     assert len(reference) == 16
 
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "dpocache.cli", *train_args(tiny_model_dir, scored_store, out, *common)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        done = complete_checkpoints(out)
-        if done and int(done[-1].name.split("_")[1]) >= 6:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = len(read_jsonl(out / "metrics.jsonl"))
-    assert killed_at < 16
-    # pruning runs after a new checkpoint is complete: a kill in between may leave one extra
-    assert len(complete_checkpoints(out)) <= 3
+    out, marker = tmp_path / "killed", tmp_path / "paused"
+    proc = start_pausing_cli(train_args(tiny_model_dir, scored_store, out, *common), marker,
+                             target="step_00000008", before=True)
+    sigkill_when(proc, lambda: False, marker)
+    root = out / "checkpoints"
+    assert [r["training_step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, 9))
+    assert sorted(p.name for p in root.iterdir()) == [f".tmp-step_00000008-{proc.pid}", "step_00000004",
+                                                      "step_00000006"]
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000004", "step_00000006"]
 
     assert main(train_args(tiny_model_dir, scored_store, out, *common, "--resume_from_checkpoint", "auto")) == 0
-    assert losses(out) == reference  # exact, fp32 on CPU
+    assert losses(out) == pytest.approx(reference, abs=run_tolerance(0.0, 1e-5))  # exact on the CPU
     assert [r["training_step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, 17))
-    assert len(complete_checkpoints(out)) <= 2  # the resumed run pruned down to the newest two
+    # the resumed run pruned down to the newest two (step 16 is the final model) and removed the dead run's staging
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000012", "step_00000014"]
 
 
 def test_resume_with_other_settings_names_the_field(tiny_model_dir, scored_store, tmp_path, capsys):

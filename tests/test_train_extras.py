@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import conversational_rows, score_rows, write_jsonl
+from conftest import conversational_rows, run_tolerance, score_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
 
 from dpocache.cli import main
@@ -90,27 +90,42 @@ def test_tracking_writes_offline_runs(tiny_model_dir, store, tmp_path, monkeypat
     assert "x" * 40 not in captured.out + captured.err
 
 
+HEAP_PROBE = """
+import json, os
+from dpocache.stages.train.extras import heap_trimmer
+
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+release = heap_trimmer(min_free_mb=64)
+base = rss()
+blocks = [bytearray(64 * 1024) for _ in range(4000)]  # ~250 MB in heap chunks (below the mmap threshold)
+pin = bytearray(64 * 1024)  # keeps the top of the heap in use, so free() alone cannot shrink it
+peak = rss()
+del blocks
+freed = rss()
+trimmed = release()
+print(json.dumps({"base": base, "peak": peak, "freed": freed, "trimmed": trimmed, "after": rss(),
+                  "below_limit": heap_trimmer(min_free_mb=10**6)()}))
+"""
+
+
 def test_heap_trimmer_returns_freed_heap_pages_to_the_system():
-    import os
+    """Freed chunks below the top of glibc's heap stay resident until trimmed; the trimmer gives them back.
+    Measured in a fresh interpreter (a long-lived process may hold free resident heap that new blocks reuse), with
+    bounds relative to what the blocks took (memory figures of real runs are measured in bench/)."""
+    import subprocess
+    import sys
 
-    from dpocache.stages.train.extras import heap_trimmer
-
-    def rss() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    release = heap_trimmer(min_free_mb=64)
-    assert release is not None  # Linux/glibc
-    blocks = [bytearray(64 * 1024) for _ in range(4000)]  # ~250 MB in heap chunks (below the mmap threshold)
-    pin = bytearray(64 * 1024)  # keeps the top of the heap in use, so free() alone cannot shrink it
-    before = rss()
-    del blocks
-    held = rss()
-    assert held > before - 64 * 2**20  # freed, yet still resident
-    assert release() is True
-    assert rss() < held - 150 * 2**20
-    assert heap_trimmer(min_free_mb=10**6)() is False  # below the limit: no trim
-    del pin
+    done = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads(done.stdout.strip().splitlines()[-1])
+    took = m["peak"] - m["base"]
+    assert took > 2**27, m  # the blocks were resident
+    assert m["trimmed"] is True, m  # at least 64 MiB sat free in the heap: trimmed (Linux/glibc)
+    assert m["after"] < m["base"] + took / 2, m  # most of what the blocks took is back with the system
+    assert m["below_limit"] is False, m  # below the limit: no trim
 
 
 def _dropout_models(tokenizer_dir):
@@ -160,8 +175,9 @@ def test_first_dpo_step_sees_policy_equal_to_reference(tmp_path, tokenizer_dir):
         return read_jsonl(out / "metrics.jsonl")[0]
 
     off = first_step(tmp_path / "off")
-    assert off["train_loss"] == pytest.approx(0.693147, abs=1e-5)
-    assert off["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
+    tol = run_tolerance(1e-5, 1e-3)  # on a GPU, the scoring and training kernels round differently
+    assert off["train_loss"] == pytest.approx(0.693147, abs=tol)
+    assert off["rewards/margin"] == pytest.approx(0.0, abs=tol)
     on = first_step(tmp_path / "on", "--disable_dropout", "false")
     assert abs(on["rewards/margin"]) > 1e-3  # dropout in the policy alone shifts every log-ratio
 

@@ -7,12 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import conversational_rows, make_tiny_llama, write_jsonl
+from conftest import conversational_rows, make_tiny_llama, run_tolerance, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from dpocache.artifacts import ReferenceStore
 from dpocache.cli import main
 from dpocache.logprobs import full_token_logps, pad_batch
+from dpocache.stages.train.tracking import read_jsonl
 from dpocache.stages.vllm_backend import VLLMOptions, VLLMScorer
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -72,10 +73,25 @@ def test_vllm_scored_store_trains_like_hf(model32, tmp_path):
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
         assert np.allclose(a[col].to_numpy(), b[col].to_numpy(), atol=1e-3)
     assert a["ref_chosen_tokens"].to_pylist() == b["ref_chosen_tokens"].to_pylist()
-    assert main(["train", "--model_name_or_path", str(model32), "--store", str(tmp_path / "vllm"),
-                 "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2",
-                 "--per_device_train_batch_size", "4"]) == 0
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    beta, losses = 0.1, {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / f"out-{backend}"
+        assert main(["train", "--model_name_or_path", str(model32), "--store", str(tmp_path / backend),
+                     "--output_dir", str(out), "--loss_type", "dpo", "--beta", str(beta), "--learning_rate", "1e-3",
+                     "--warmup_ratio", "0", "--max_train_steps", "3", "--per_device_train_batch_size", "4",
+                     "--checkpointing_steps", "none"]) == 0
+        losses[backend] = [r["train_loss"] for r in read_jsonl(out / "metrics.jsonl")]
+    # The two runs differ only by the stored reference sums: by delta at most per sum (fp32 vLLM and HF agree to
+    # ~1e-5 nats per token). Each pair's dpo loss -logsigmoid(beta * ((pc - pr) - (rc - rr))) has a slope of at
+    # most 1 in its argument, so at step 1 (same policy) the mean loss moves by at most 2 * beta * delta; later
+    # steps add only what that changes in the gradients (relative ~beta * delta), hence a factor 2 of room.
+    delta = max(float(np.abs(a[c].to_numpy() - b[c].to_numpy()).max()) for c in ("ref_chosen_logps",
+                                                                              "ref_rejected_logps"))
+    assert len(losses["hf"]) == len(losses["vllm"]) == 3
+    assert abs(losses["vllm"][0] - losses["hf"][0]) <= 2 * beta * delta + 1e-7 + run_tolerance(0, 1e-5), (delta, losses)
+    assert losses["vllm"] == pytest.approx(losses["hf"], abs=4 * beta * delta + 1e-7 + run_tolerance(0, 1e-5)), delta
+    assert losses["hf"][0] != pytest.approx(losses["hf"][2], abs=1e-4)  # training moved
 
 
 def test_store_identity_names_the_dtype_vllm_ran_in(model32, tmp_path, capsys):
