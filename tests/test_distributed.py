@@ -46,6 +46,7 @@ def train_args(model, store, out, per_device):
             "--checkpointing_steps", "2"]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tiny_model_dir, store, tmp_path):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single_process(train_args(tiny_model_dir, store, single, 4))
@@ -61,6 +62,7 @@ def test_ddp_two_processes_match_one(tiny_model_dir, store, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_ddp_bco_pair_reward_mean_is_shared_by_the_processes(tiny_model_dir, store, tmp_path):
     """bco_pair's running reward mean is averaged across processes every micro-batch: two processes of 2 pairs
     train exactly as one process of 4 (without the average each rank would shift by its own rewards)."""

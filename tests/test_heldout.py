@@ -3,6 +3,8 @@ summary.json, model card); `run` warns about held-out pairs that are also traini
 
 import json
 
+import pytest
+
 from conftest import conversational_rows, score_rows, write_jsonl
 
 from dpocache.cli import main
@@ -28,6 +30,7 @@ def test_train_evaluates_a_heldout_list_of_the_store(tiny_model_dir, tmp_path, c
     assert "## Held-out evaluation" in card and "heldout_reward_accuracy" in card
 
 
+@pytest.mark.slow
 def test_run_reports_or_refuses_overlap(tiny_model_dir, tmp_path, capsys):
     rows = conversational_rows(10, seed=3)
     train = write_jsonl(tmp_path / "train.jsonl", rows)

@@ -63,6 +63,7 @@ def test_nonfinite_steps_can_be_skipped_and_are_counted(tiny_model_dir, store, t
     assert finite(out / "model.safetensors")  # the skipped updates never reached the weights
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_skipped_by_auto_resume(tiny_model_dir, store, tmp_path, capsys):
     common = ("--max_train_steps", "6", "--checkpointing_steps", "2", "--keep_last_n_checkpoints", "3")
     full = tmp_path / "full"
@@ -134,6 +135,7 @@ def wait_for_metrics(path, count, proc, timeout=300):
     raise AssertionError("training did not log in time")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_checkpoints_and_resumes_exactly(tiny_model_dir, store, tmp_path, sig):
     common = ("--per_device_train_batch_size", "1", "--max_train_steps", "40", "--checkpointing_steps", "none")
@@ -156,6 +158,7 @@ def test_preemption_checkpoints_and_resumes_exactly(tiny_model_dir, store, tmp_p
     assert losses(out) == pytest.approx(losses(full), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_full_disk_during_checkpoint_is_one_line_and_leaves_nothing(tiny_model_dir, store, tmp_path):
     out = tmp_path / "disk" / "out"
     done = run_on_small_disk(tmp_path / "disk", "1M", [
