@@ -100,8 +100,9 @@ def test_scorer_model_batches_and_outputs_sit_on_the_resolved_device(tiny_model_
                              [chunk.sequence_mask(k).tolist() for k in batch.seqs], pad)
         for got, want in zip((batch.ids, batch.attn, batch.tmask), expected):
             assert torch.equal(got, want)
-        moved = scorer.to_device(batch)
-        assert [t.device for t in moved] == [device] * 3
+        assert torch.equal(batch.positions, torch.stack(torch.nonzero(batch.tmask[:, 1:], as_tuple=True)))
+        moved = scorer.to_device(batch)  # ids, attention mask, trainable mask, trained positions
+        assert [t.device for t in moved] == [device] * 4
         values, packed = scorer.forward(*moved)
         assert values.device == packed.device == device and packed.dtype == torch.float64
         seen += batch.seqs.tolist()
