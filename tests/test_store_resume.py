@@ -1,4 +1,5 @@
-"""Stage one under failure: kill -9 while scoring, rerun, same store; incremental scoring; parallel parts."""
+"""Stage one under failure: kill -9 or preemption while scoring, rerun, same store; incremental scoring; parallel
+parts."""
 
 import json
 import os
@@ -12,6 +13,7 @@ from conftest import conversational_rows, write_jsonl
 
 from dpocache.artifacts import ReferenceStore
 from dpocache.cli import main
+from dpocache.preemption import PREEMPTED_EXIT_CODE
 
 
 def score_cmd(model, data, store, *extra):
@@ -64,6 +66,37 @@ def test_kill9_then_rerun_equals_uninterrupted(tiny_model_dir, data, reference_s
     assert f"{partial} examples reused" in done.stdout + done.stderr
     assert sorted_rows(store) == sorted_rows(reference_store)
     assert not [p for p in (store / "shards").iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_stops_after_a_chunk_then_rerun_completes(tiny_model_dir, data, reference_store, tmp_path, sig):
+    """SIGTERM/SIGUSR1 while scoring: the chunk in flight is committed, the command exits 75 with one line saying
+    what was kept; the same command run again scores only the rest and ends with the uninterrupted store."""
+    store = tmp_path / "store"
+    proc = subprocess.Popen(score_cmd(tiny_model_dir, data[0], store, "--rows_per_shard", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((store / "manifest.json").read_text())["shards"]) >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "scoring finished before the signal"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    name = signal.Signals(sig).name
+    assert f"dpocache score: preempted: {name} after " in err and "Traceback" not in err
+    partial = ReferenceStore.open(store).num_rows()
+    assert 0 < partial < 120 and f"{partial} newly scored example(s) are in {store}" in out
+    assert not [p for p in (store / "shards").iterdir() if p.name.startswith(".tmp-")]
+    done = subprocess.run(score_cmd(tiny_model_dir, data[0], store, "--rows_per_shard", "2"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{partial} examples reused" in done.stdout
+    assert sorted_rows(store) == sorted_rows(reference_store)
 
 
 def test_incremental_scores_only_new_examples(tiny_model_dir, data, reference_store, tmp_path, capsys):

@@ -2,7 +2,9 @@
 
 Recipe steps: :func:`setup` (tokenizer, data, identity, store, what is left to score),
 :func:`score` (reference forward passes, rows written shard by shard) and :func:`run_score`
-(both, then the named example list and freeing the model).
+(both, then the named example list and freeing the model). A SIGTERM/SIGUSR1 while scoring stops after the
+chunk in flight is committed, with :class:`~dpocache.preemption.Preempted` (exit code 75); the same
+command run again scores only what is missing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dpocache import preemption
 from dpocache.artifacts import ReferenceStore
 from dpocache.artifacts.identity import library_versions, text_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from dpocache.config import ConfigError, check, opt
@@ -272,8 +275,10 @@ def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> 
         bar.update(sequences)
         bar.set_postfix(tok_s=f"{seen['tokens'] / max(time.perf_counter() - start, 1e-9):.0f}")
 
-    with plan.store.writer(rows_per_shard=score_cfg.rows_per_shard) as writer:
-        for chunk in plan.chunks:
+    with plan.store.writer(rows_per_shard=score_cfg.rows_per_shard) as writer, preemption.graceful_stop():
+        for done, chunk in enumerate(plan.chunks):
+            if preemption.requested():
+                _stop_for_preemption(plan, done)
             batch = plan.dataset.select(chunk).to_dict()
             seqs = batch["chosen_input_ids"] + batch["rejected_input_ids"]
             masks = batch["chosen_mask"] + batch["rejected_mask"]
@@ -282,6 +287,16 @@ def score(plan: ScorePlan, scorer, score_cfg: ScoreConfig, *, progress=True) -> 
             writer.flush()  # one chunk, one shard
     bar.close()
     return seen["tokens"]
+
+
+def _stop_for_preemption(plan: ScorePlan, done: int) -> None:
+    """Every chunk before ``done`` is a committed shard: say so and stop (the CLI exits 75)."""
+    name = preemption.signal_name() or "a preemption signal"
+    kept = sum(len(c) for c in plan.chunks[:done])
+    message = (f"{name} after {done} of {len(plan.chunks)} chunk(s): {kept} newly scored example(s) are in "
+               f"{plan.store.root}; rerun the same command to score the other {plan.pending - kept}")
+    log(f"stage one: {message}")
+    raise preemption.Preempted(message)
 
 
 def run_score(model_cfg: ModelConfig, data_cfg: DataConfig, score_cfg: ScoreConfig, vllm_options=None,
