@@ -13,23 +13,27 @@ final ``model.safetensors``, bit for bit.
 Trials (``--trials N`` sets the number of stage-one kills, 12 by default; the other kill counts keep the default
 proportions 12 : 8 : 5 : 3):
 
-- **stage one, SIGKILL at a random moment**: ``dpocache score`` is killed at a seeded random moment of its scoring;
-  the store it leaves must open, pass ``inspect --verify`` and hold only rows equal to the uninterrupted store's.
-  The same command is run again; reruns are themselves killed (up to 4 kills in a row), and the last one runs to
-  completion: the final store must hold exactly the uninterrupted store's rows (same examples, same values, no row
-  twice, no file left behind). A kill passes when both its own check and its sequence's final comparison pass.
-- **stage one, SIGKILL inside a shard write**: the same, but the kill is sent the moment a temporary shard file
-  appears; a kill counts when it left the write unfinished (a temporary shard, a shard renamed but not yet in the
-  manifest, or a manifest being replaced); kills that landed after the commit are retried.
+- **stage one, SIGKILL at a random moment**: ``dpocache score`` is killed at a seeded random moment of its scoring
+  (after a random number of the chunks it has left, plus a random part of one chunk's time); the store it leaves
+  must open, pass ``inspect --verify`` and hold only rows equal to the uninterrupted store's. The same command is
+  run again; reruns are themselves killed (up to 6 kills in a row), and the last one runs to completion: the
+  final store must hold exactly the uninterrupted store's rows (same examples, same values, no row twice, no
+  file left behind). A kill passes when both its own check and its sequence's final comparison pass.
+- **stage one, SIGKILL inside a shard write**: the same (up to 4 kills in a row), but the kill is sent at a random
+  point of the next shard write (0-10 ms after its temporary file appears); it counts when it left the write
+  unfinished (a temporary shard, a shard renamed but not yet in the manifest, or a manifest being replaced);
+  kills that landed after the commit are not counted and are tried again.
 - **stage two, SIGKILL at a random step**: ``dpocache train`` is killed at a seeded random step (and a random
   moment inside it); the metrics logged so far must equal the uninterrupted run's and every complete checkpoint
   must verify and hold finite weights; ``--resume_from_checkpoint auto`` reruns (killed again, up to 3 in a row,
   then run to completion) must end with every metric and every weight bit-identical to the uninterrupted run.
-- **stage two, SIGKILL inside a checkpoint write**: the same, killed the moment a checkpoint's staging directory
-  appears; a kill counts when the staging directory was left unfinished.
+- **stage two, SIGKILL inside a checkpoint write**: the same, killed at a random point (0-100 ms) after a
+  checkpoint's staging directory appears; it counts when the staging directory was left unfinished.
 - **preemption**: SIGTERM and SIGUSR1 to ``train`` at a random step and to ``score`` at a random moment; the
-  command must exit 75 with a one-line message (no traceback), ``train`` having written a checkpoint and no model;
-  the rerun (``--resume_from_checkpoint auto`` for ``train``) must complete and match the uninterrupted result.
+  command must exit 75 with a message naming the signal (no traceback), ``train`` having written a verified
+  checkpoint at the step it stopped after and no model, ``score`` having left a verified store; the rerun
+  (``--resume_from_checkpoint auto`` for ``train``, resuming at that step; the same command for ``score``, reusing
+  every row kept) must complete and match the uninterrupted result.
 - **concurrent writers**: two ``score`` processes started together on one empty store; both must succeed and the
   store must verify and hold the uninterrupted store's examples with identical values (equal duplicates allowed).
 - **corruption**: the table of ``reliability_cases.py`` (damaged stores, checkpoints and inputs, full disks on a
@@ -62,6 +66,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import REPO  # noqa: E402
+import reliability_cases_more  # noqa: E402,F401 - registers the checkpoint, input and full-disk cases
 from reliability_cases import CASES, run_case  # noqa: E402
 from report_tables import reliability_table  # noqa: E402
 from reliability_runs import (CHUNK_ROWS, SCORE_PAIRS, SIGNALS, TRAIN_STEPS, Child, Workspace, leftovers,  # noqa: E402
@@ -141,6 +146,7 @@ def kill_score(ws: Workspace, child: Child, store: Path, rng: random.Random, in_
                               interval=0.0002)
         if not seen:
             return None
+        time.sleep(rng.uniform(0, 0.01))  # a random point of the write: data, fsync, rename, manifest
     if not child.running():
         return None
     child.signal(signal.SIGKILL)
@@ -244,6 +250,9 @@ def kill_train(child: Child, out: Path, inode: int | None, rng: random.Random, i
 
         if not child.wait_for(reached, interval=0.0002):
             return None
+        if not staging.exists():
+            continue
+        time.sleep(rng.uniform(0, 0.1))  # a random point of the write (a write that ends first: the next one)
         if staging.exists():
             child.signal(signal.SIGKILL)
             child.wait()
@@ -378,7 +387,7 @@ def plan(args) -> list[tuple[str, callable]]:
     if args.quick:
         counts.update(s1w=1, s2=1, s2c=1)
     units = []
-    for key, kills, length, fn, flag in (("s1", counts["s1"], 4, stage_one_sequence, False),
+    for key, kills, length, fn, flag in (("s1", counts["s1"], 6, stage_one_sequence, False),
                                          ("s1w", counts["s1w"], 4, stage_one_sequence, True),
                                          ("s2", counts["s2"], 3, stage_two_sequence, False),
                                          ("s2c", counts["s2c"], 3, stage_two_sequence, True)):
