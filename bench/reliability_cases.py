@@ -376,6 +376,7 @@ def _on_small_disk(ws: Workspace, disk: tuple[str, Path], args: list[str]):
                                                              "TOKENIZERS_PARALLELISM", "TQDM_DISABLE", "PYTHONPATH",
                                                              "OMP_NUM_THREADS")]
     try:
-        return run_on_small_disk(directory, size, ["env", *env, sys.executable, "-m", "dpocache.cli", *args])
+        done = run_on_small_disk(directory, size, ["env", *env, sys.executable, "-m", "dpocache.cli", *args])
     except (RuntimeError, OSError, subprocess.SubprocessError):
         return None
+    return done if "LEFT:" in done.stdout else None  # no LEFT: the namespace itself could not be made
