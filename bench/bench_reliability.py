@@ -70,7 +70,8 @@ import reliability_cases_more  # noqa: E402,F401 - registers the checkpoint, inp
 from reliability_cases import CASES, run_case  # noqa: E402
 from report_tables import reliability_table  # noqa: E402
 from reliability_runs import (CHUNK_ROWS, SCORE_PAIRS, SIGNALS, TRAIN_STEPS, Child, Workspace, leftovers,  # noqa: E402
-                              stage_one_equal, stage_one_partial_ok, stage_two_equal, stage_two_partial_ok)
+                              stage_one_equal, stage_one_partial_ok, stage_two_equal, stage_two_partial_ok,
+                              store_rows)
 
 LABELS = {
     "stage_one_kill": "stage one: SIGKILL at a random moment, rerun: store identical to an uninterrupted one",
@@ -350,8 +351,6 @@ def concurrent_score(ws: Workspace, name: str, rng: random.Random) -> list[Resul
     problems = [f"writer {i} exit {code}: {tail(c)}" for i, (c, code) in enumerate(zip(children, codes)) if code]
     if not problems:
         problems = stage_one_equal(store, ws.ref_rows, duplicates_allowed=True)
-    from reliability_runs import store_rows
-
     rows, count = store_rows(store) if (store / "manifest.json").exists() else ({}, 0)
     return [Result("concurrent_score", not problems, f"{name}: " + "; ".join(problems),
                    notes=[f"{count} rows for {len(rows)} examples"])]
