@@ -6,8 +6,9 @@
 
 ``collect`` runs one command, stamps each JSON line it prints with the command line and appends it to
 the results file (a failing command is recorded as ``{"bench": "error"}`` and the exit code is kept).
-``write`` renders the tables (see ``report_tables.py``) with the machine description and commands; a
-hand-written "## Profiles and notes" section of the existing report is kept as it is.
+``write`` renders the tables (see ``report_tables.py``) with the machine description and commands, and the
+reliability trials from ``results_reliability.jsonl`` next to the results file (``bench_reliability.py`` writes
+it; it is run on its own); a hand-written "## Profiles and notes" section of the existing report is kept as it is.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
 
     rows = load(args.results)
     previous = args.out.read_text() if args.out.exists() else ""
-    args.out.write_text(render(rows, args.run_command, previous))
+    trials = args.results.parent / "results_reliability.jsonl"  # bench_reliability.py, run on its own
+    args.out.write_text(render(rows, args.run_command, previous, load(trials) if trials.is_file() else []))
     errors = [r for r in rows if r["bench"] == "error"]
     for r in errors:
         print(f"failed: {r['command']} (exit {r['returncode']})", file=sys.stderr)

@@ -273,8 +273,37 @@ def logps(rows: list[dict]) -> list[str]:
     return lines + ["", "Losses of the three paths agree to 1e-6 (gradients: `tests/test_logprobs.py`).", ""]
 
 
-def render(rows: list[dict], run_command: str, previous: str = "") -> str:
+def reliability_table(rows: list[dict]) -> list[str]:
+    """``trial | passed/total`` from ``bench_reliability.py``'s rows (also what that script prints)."""
+    lines = ["| trial | passed/total |", "| --- | --- |"]
+    for r in rows:
+        extra = f" ({r['not_run']} not run: no tmpfs could be mounted)" if r.get("not_run") else ""
+        lines.append(f"| {r['label']} | {r['passed']}/{r['total']}{extra} |")
+    return lines
+
+
+def reliability(rows: list[dict]) -> list[str]:
+    """Kill, preemption and corruption trials (``bench_reliability.py``, run on its own: its rows are in
+    ``bench/results_reliability.jsonl``)."""
+    found = [r for r in rows if r.get("bench") == "reliability"]
+    lines = ["## Reliability", ""]
+    if not found:
+        return lines + [NOT_RUN + " (`python bench/bench_reliability.py` writes `bench/results_reliability.jsonl`)", ""]
+    first = found[0]
+    load = ", ".join(f"{x:.2f}" for x in first.get("load_average", []))
+    passed, total = sum(r["passed"] for r in found), sum(r["total"] for r in found)
+    return lines + [
+        f"`{first['command']}` on {first['date']} ({first['seconds'] / 60:.0f} min on {first['cores']} cores, load "
+        f"average {load} at the end; the rows are in `bench/results_reliability.jsonl`, each with the failures it "
+        "saw and where each kill landed). Every trial runs the real command line (`python -m dpocache.cli`) on a "
+        "tiny Llama with SmolLM2's tokenizer and is compared with an uninterrupted run: stores row by row by "
+        "example hash (every value exact), training runs by every logged metric and every weight, bit for bit. "
+        "What each trial does is in the script's docstring.", "", *reliability_table(found), "",
+        f"**{passed}/{total}** passed.", ""]
+
+
+def render(rows: list[dict], run_command: str, previous: str = "", reliability_rows: list[dict] | None = None) -> str:
     parts = (header(rows, run_command) + targets(rows) + stage_one(rows) + stage_two(rows) + logps(rows)
              + padding(rows)
-             + scale(rows) + data_and_store(rows) + kept_section(previous))
+             + scale(rows) + data_and_store(rows) + reliability(reliability_rows or []) + kept_section(previous))
     return "\n".join(parts).rstrip() + "\n"

@@ -268,10 +268,13 @@ def command_values(namespace: argparse.Namespace, classes: Iterable[type], *, al
     ``owners`` maps every option of every command to the commands that use it. YAML keys of other
     commands only are returned as the second element, as written (the caller notes them); keys that no command
     knows are an error naming each one (with a suggestion, or why an ``unsupported`` option has no
-    meaning here).
+    meaning here), and so is a YAML value of the wrong type (a non-finite float, ...) that the command line does
+    not replace: every such error names the file.
     """
-    here = {f.name for f, _ in iter_fields(classes)}
+    types = {f.name: tp for f, tp in iter_fields(classes)}
+    here = set(types)
     cli = {k: v for k, v in vars(namespace).items() if k in here or k.startswith(ALIAS_DEST)}
+    from_cli = resolve_aliases(cli, aliases, "command line", prefix="--")
     values: dict[str, Any] = {}
     ignored: list[str] = []
     path = getattr(namespace, "config", None)
@@ -282,6 +285,11 @@ def command_values(namespace: argparse.Namespace, classes: Iterable[type], *, al
         for key, value in yaml_values.items():
             if key in here:
                 values[key] = value
+                if key not in from_cli:  # a bad value the command line does not replace: name the file
+                    try:
+                        _coerce(written.get(key, key), types[key], value)
+                    except ConfigError as exc:
+                        errors.append(str(exc))
             elif key in owners:
                 ignored.append(written[key])
             elif key in unsupported:
@@ -291,7 +299,7 @@ def command_values(namespace: argparse.Namespace, classes: Iterable[type], *, al
                 errors.append(f"unknown option {key}" + (f" (did you mean {close}?)" if close else ""))
         if errors:
             raise ConfigError(f"{path}: " + "; ".join(errors))
-    values.update(resolve_aliases(cli, aliases, "command line", prefix="--"))
+    values.update(from_cli)
     return values, ignored
 
 

@@ -68,6 +68,24 @@ def _explain(kind: str, name: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"{kind} '{name}': no such local path, and not a hub name of the form org/name")
 
 
+def _unreadable_weights(local: Path | None, exc: Exception) -> ModelLoadError:
+    """A safetensors file that cannot be read (truncated or corrupt), named: the files of ``local`` whose header
+    does not open are the culprits."""
+    from safetensors import safe_open
+
+    files = sorted(local.glob("*.safetensors")) if local is not None and local.is_dir() else [local]
+    bad = []
+    for file in (f for f in files if f is not None):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception:  # noqa: BLE001 - any failure to open names the file
+            bad.append(str(file))
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return ModelLoadError(f"{', '.join(bad) or local}: unreadable weights ({first}); the file is truncated or "
+                          "corrupt: copy, download or convert the model again")
+
+
 def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -127,10 +145,14 @@ def load_causal_lm(cfg: ModelConfig, *, name_or_path: str | None = None, train: 
                   trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise _explain("model", name, exc) from None
+    except SafetensorError as exc:
+        raise _unreadable_weights(local_model_dir(name, cfg.model_revision), exc) from None
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     if train:

@@ -229,7 +229,8 @@ def test_non_finite_values_are_refused_in_yaml(text, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"learning_rate: {text}\n")
     assert main(["train", "--config", str(cfg), "--dry_run"]) == 2
-    assert "error: learning_rate: expected a finite number" in capsys.readouterr().err
+    assert f"error: {cfg}: learning_rate: expected a finite number" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--learning_rate", "1e-5", "--dry_run"]) == 0  # the command line wins
 
 
 @pytest.mark.parametrize("command", ["score", "train", "run", "data"])

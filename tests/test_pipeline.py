@@ -139,6 +139,23 @@ def test_paths_of_the_wrong_kind_are_named(tiny_model_dir, data_files, tmp_path,
     assert a_file.read_text() == "x"  # nothing was written over it
 
 
+def test_truncated_weights_are_named(tiny_model_dir, data_files, tmp_path, capsys):
+    """A weights file cut short (an interrupted copy) is one line naming the file, in both stages."""
+    import shutil
+
+    train, _ = data_files
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for args in (["score", "--model_name_or_path", str(model), "--dataset", str(train), "--store", str(tmp_path / "s")],
+                 ["train", "--model_name_or_path", str(model), "--loss_type", "simpo", "--dataset", str(train),
+                  "--output_dir", str(tmp_path / "o")]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert f"error: {weights}: unreadable weights (" in err and "truncated or corrupt" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_sequences_longer_than_the_model_embeds_are_named_before_any_compute(tokenizer_dir, tmp_path, capsys):
     """GPT-2 style learned positions (n_positions): stage one and stage two refuse longer sequences with the limit
     and the flag that fixes it; --max_seq_length makes the same data work."""

@@ -1,4 +1,5 @@
-"""Stage one under failure: kill -9 while scoring, rerun, same store; incremental scoring; parallel parts."""
+"""Stage one under failure: kill -9 or preemption while scoring, rerun, same store; incremental scoring; parallel
+parts."""
 
 import json
 import math

@@ -121,6 +121,37 @@ def test_index_is_cached_and_reused(store_dir, capsys):
     assert len(first) == ROWS and first.lengths.min() > 0
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("flip", r"shards/shard-[0-9a-f]+\.parquet: shard checksum mismatch"),
+    ("list", r"example list 'd' checksum mismatch"),
+    ("list_deleted", r"lists/d\.[0-9a-f.]*json"),
+    ("rows", r"shards/shard-[0-9a-f]+\.parquet: shard has \d+ rows, manifest says"),
+])
+def test_cached_index_is_not_reused_for_damaged_files(store_dir, tmp_path, damage, message):
+    """The cache serves only the very files it was built and verified from: a shard or list edited in place (same
+    size), a deleted list or an edited manifest entry is read and checked again, and refused naming the file."""
+    import json
+    import shutil
+
+    copy = shutil.copytree(store_dir, tmp_path / "store")
+    list_index(ReferenceStore.open(copy), "d")  # built and cached
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if damage == "flip":
+        shard = copy / manifest["shards"][1]["path"]
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage in ("list", "list_deleted"):
+        path = copy / manifest["lists"]["d"]["path"]
+        hashes = json.loads(path.read_text())
+        path.write_text(json.dumps(hashes[1:] + hashes[:1])) if damage == "list" else path.unlink()
+    else:
+        manifest["shards"][0]["rows"] += 1
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=message):
+        list_index(ReferenceStore.open(copy), "d")
+
+
 def test_source_holds_no_token_data(store_dir):
     """The in-memory index is per-example metadata: a few dozen bytes per example, no token ids."""
     index = list_index(ReferenceStore.open(store_dir), "d")

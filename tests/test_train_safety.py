@@ -99,6 +99,33 @@ def test_torn_trainer_state_is_named(tiny_model_dir, store, tmp_path, capsys):
     assert "trainer_state.json" in err and "Traceback" not in err
 
 
+def test_checkpoint_resealed_with_nan_weights_is_refused_naming_the_file(tiny_model_dir, store, tmp_path, capsys):
+    """dpocache never writes non-finite weights; a checkpoint altered to hold them (its marker resealed) is refused
+    on resume, naming the file and the weight, and nothing is trained or saved."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    assert main(args(tiny_model_dir, store, out, "--max_train_steps", "3", "--checkpointing_steps", "2")) == 0
+    ckpt = out / "checkpoints" / "step_00000002"
+    weights = load_file(str(ckpt / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name][0] = float("nan")
+    save_file(weights, str(ckpt / "model.safetensors"))
+    marker = json.loads((ckpt / "COMPLETE").read_text())
+    data = (ckpt / "model.safetensors").read_bytes()
+    marker["files"]["model.safetensors"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "COMPLETE").write_text(json.dumps(marker))
+    (out / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(args(tiny_model_dir, store, out, "--max_train_steps", "3", "--resume_from_checkpoint",
+                     str(ckpt))) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt / 'model.safetensors'}: weight {name} holds NaN or inf" in err and "Traceback" not in err
+    assert not (out / "model.safetensors").exists()
+
+
 def test_output_dir_with_results_is_refused_then_overwritten(tiny_model_dir, store, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(args(tiny_model_dir, store, out, "--max_train_steps", "1")) == 0

@@ -211,13 +211,17 @@ def prune(output_dir: str | Path, keep_last: int) -> list[Path]:
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, settings: dict, rank: int = 0,
                     objective=None) -> dict:
     """Restore weights, optimizer (``None``: a sharded partition, restored after ``prepare``), scheduler, the
-    objective's state (e.g. a running reward mean) and this rank's RNG; refuse on any differing setting."""
+    objective's state (e.g. a running reward mean) and this rank's RNG; refuse on any differing setting and on
+    weights that are not finite."""
     state = json.loads((path / "trainer_state.json").read_text())
     saved = state.get("settings", {})
     diffs = [f"{k}: checkpoint {saved.get(k)!r} != now {v!r}" for k, v in settings.items() if saved.get(k) != v]
     if diffs:
         raise ConfigError(f"cannot resume from {path}: settings differ: " + "; ".join(diffs))
     weights = load_file(str(path / "model.safetensors"))
+    bad = next((k for k, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:  # dpocache never writes such a checkpoint: it was altered and resealed
+        raise ConfigError(f"cannot resume from {path}: {path / 'model.safetensors'}: weight {bad} holds NaN or inf")
     missing, unexpected = _load_weights(model, weights)
     tied = {k for k in missing if _is_tied(model, k)}
     if set(missing) - tied or unexpected:

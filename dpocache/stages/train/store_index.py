@@ -5,8 +5,10 @@ padded length, reference sums and counts, and where its row lives (shard number,
 it reads only small columns of each shard (hash, reference values, trainable masks for the lengths and
 the count check), one shard at a time, and validates every row the way training needs (finite sums that
 are log-probabilities, counts equal to the masks, the same example in several shards with the same
-values). The result is cached under ``$DPOCACHE_HOME/index/`` keyed by the list's and the shards'
-checksums, built by one process per host (a file lock) and reused by the others and by later runs.
+values). The result is cached under ``$DPOCACHE_HOME/index/`` keyed by the list's and the shards' manifest
+entries (checksums, sizes, row counts), each of those files' device, inode, size, mtime and ctime, and whether
+checksums were verified, so a file edited, replaced or copied since is read and verified again; it is built by
+one process per host (a file lock) and reused by the others and by later runs.
 Memory: about 100 bytes per store row while building, ~100 bytes per listed example after.
 """
 
@@ -53,10 +55,24 @@ class ListIndex:
         return len(self.hashes)
 
 
-def _cache_key(store: ReferenceStore, name: str, allow_missing: bool) -> str:
-    entry = store._manifest.lists[name]  # the list file's checksum identifies its content
-    shards = [(s["path"], s["sha256"]) for s in store.shards]
-    payload = json.dumps([INDEX_VERSION, entry["sha256"], shards, bool(allow_missing)])
+def _file_signature(path) -> list | None:
+    """Device, inode, size, mtime and ctime of a file (None when it is missing): any write to the file, a file
+    renamed over it or a copy of the store changes it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _cache_key(store: ReferenceStore, name: str, allow_missing: bool, verify: bool) -> str:
+    """The manifest entries of the list and of every shard, and each file's signature as it is now: an index is
+    reused only for the very files it was built (and verified) from; a verified build is never replaced by an
+    unverified one."""
+    entry = store._manifest.lists[name]
+    files = [dict(entry, signature=_file_signature(store.root / entry["path"]))]
+    files += [dict(s, signature=_file_signature(store.root / s["path"])) for s in store.shards]
+    payload = json.dumps([INDEX_VERSION, files, bool(allow_missing), bool(verify)], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -194,7 +210,7 @@ def _stamp(store: ReferenceStore, index: ListIndex) -> ListIndex:
 def list_index(store: ReferenceStore, name: str, *, allow_missing: bool = False, verify: bool = True) -> ListIndex:
     """The index of list ``name`` (cached; see the module docstring)."""
     folder = dpocache_home() / "index"
-    path = folder / _cache_key(store, name, allow_missing)
+    path = folder / _cache_key(store, name, allow_missing, verify)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = open(folder / f".{path.name}.lock", "a+")
