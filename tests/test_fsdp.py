@@ -3,28 +3,19 @@ process with the same global batch, the saved model is gathered and complete, ch
 per rank and a resume continues exactly."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import conversational_rows, score_rows
+from conftest import conversational_rows, cpu_env, free_port, score_rows
 from transformers import AutoModelForCausalLM
 
-from dpocache.cli import main
 from dpocache.stages.train.tracking import read_jsonl
 
 CONFIG = Path(__file__).resolve().parents[1] / "scripts" / "configs" / "accelerate_fsdp2.yaml"
 KEYS = ("train_loss", "logps/chosen", "logps/rejected", "rewards/margin", "rewards/accuracy")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +31,7 @@ def train_args(model, store, out, per_device, *extra):
 
 
 def fsdp_launch(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cpu_env()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG), "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
            "-m", "dpocache.cli", *args]
@@ -52,7 +43,9 @@ def fsdp_launch(args: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_fsdp2_matches_single_process_and_resumes(tiny_model_dir, store, tmp_path):
     single, out = tmp_path / "single", tmp_path / "fsdp"
-    assert main(train_args(tiny_model_dir, store, single, 4)) == 0
+    done = subprocess.run([sys.executable, "-m", "dpocache.cli", *train_args(tiny_model_dir, store, single, 4)],
+                          capture_output=True, text=True, env=cpu_env(), timeout=900)  # the CPU, as the launch
+    assert done.returncode == 0, done.stderr[-3000:]
     done = fsdp_launch(train_args(tiny_model_dir, store, out, 2))
     assert "engine fsdp2 x 2 process(es)" in done.stdout
 
