@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import conversational_rows, run_on_small_disk, score_rows
+from conftest import conversational_rows, run_on_small_disk, run_tolerance, score_rows
 from safetensors.torch import load_file
 
 from dpocache.cli import main
@@ -84,7 +84,7 @@ def test_damaged_checkpoint_is_skipped_by_auto_resume(tiny_model_dir, store, tmp
     printed = capsys.readouterr().out
     assert "skipping checkpoint step_00000004" in printed and "truncated or altered" in printed
     assert "resumed from" in printed and "step_00000002 at step 2" in printed
-    assert losses(out) == pytest.approx(losses(full), abs=1e-6)
+    assert losses(out) == pytest.approx(losses(full), abs=run_tolerance(1e-6, 1e-4))
 
 
 def test_torn_trainer_state_is_named(tiny_model_dir, store, tmp_path, capsys):
@@ -182,7 +182,7 @@ def test_preemption_checkpoints_and_resumes_exactly(tiny_model_dir, store, tmp_p
     assert 3 <= step < 40
 
     assert main(args(tiny_model_dir, store, out, *common, "--resume_from_checkpoint", "auto")) == 0
-    assert losses(out) == pytest.approx(losses(full), abs=1e-6)
+    assert losses(out) == pytest.approx(losses(full), abs=run_tolerance(1e-6, 1e-4))
 
 
 @pytest.mark.slow
