@@ -137,7 +137,7 @@ def test_sigterm_commits_the_chunk_in_flight_and_a_rerun_completes(tiny_model_di
     kept = ReferenceStore.open(store).num_rows()
     assert 2 * 2 <= kept < N and kept % 2 == 0  # whole chunks only: the one in flight was finished
     message = err.strip().splitlines()[-1]
-    assert message.startswith("dpocache score: preempted: stage one stopped on SIGTERM after committing the chunk")
+    assert message.startswith("dpocache score: preempted: SIGTERM: stage one stopped after committing the chunk")
     assert f"{kept} examples scored by this run" in message and f"{N - kept} of the {N} examples remain" in message
     assert "Re-run the same command to continue" in message
     assert inspect_store(store, verify=True)["ok"] and not list((store / CLAIMS_DIR).iterdir())

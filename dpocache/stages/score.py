@@ -345,7 +345,7 @@ def _stopped(plan: ScorePlan, stats: ScoreStats) -> preemption.Preempted:
     left = sum(1 for h in plan.part_hashes if h not in have)
     share = f" of {plan.part}" if plan.part else ""
     return preemption.Preempted(
-        f"stage one stopped on {preemption.signal_name() or 'a signal'} after committing the chunk in flight: "
+        f"{preemption.signal_name() or 'a signal'}: stage one stopped after committing the chunk in flight: "
         f"{stats.scored} examples scored by this run are in {plan.store.root} ({stats.shards} shard(s)); "
         f"{left} of the {len(plan.part_hashes)} examples{share} remain. Re-run the same command to continue "
         "(committed chunks are kept; the rest is scored in the same batches)")
