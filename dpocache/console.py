@@ -81,7 +81,7 @@ class PlainProgress:
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.every = every if every is not None else float(os.environ.get("DPOCACHE_PROGRESS_SECONDS", "30"))
         self._start = self._last = time.perf_counter()
-        self._initial = initial
+        self._initial = self._reported = initial
         self._postfix = ""
         self._closed = False
 
@@ -96,6 +96,7 @@ class PlainProgress:
         self._postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
 
     def _report(self, now: float) -> None:
+        self._reported = self.n
         elapsed = now - self._start
         done = f"{self.n}/{self.total}" if self.total else str(self.n)
         rate = (self.n - self._initial) / max(elapsed, 1e-9)
@@ -112,7 +113,7 @@ class PlainProgress:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self.n > self._initial:
+            if self.n != self._reported:  # the last line already said where it ended: not twice
                 self._report(time.perf_counter())
 
     def __enter__(self):
@@ -142,6 +143,10 @@ def progress(total: int | None, desc: str, unit: str, *, enabled: bool = True, i
     return PlainProgress(total, desc, unit, initial)
 
 
+def _drop_accelerator_note(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
 def quiet_libraries() -> None:
     """Library output filtered to what matters (errors and real warnings)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -161,8 +166,13 @@ def quiet_libraries() -> None:
             datasets.disable_progress_bars()
     except ImportError:
         pass
+    if not is_terminal():  # bars libraries draw with tqdm itself (e.g. GGUF conversion): no carriage returns in logs
+        os.environ.setdefault("TQDM_DISABLE", "1")
     for noisy in ("accelerate", "torch.distributed", "deepspeed", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # DeepSpeed resets its logger's level when imported (often by transformers, in runs that never use it);
+    # a filter survives that, and drops its note that no GPU was found (dpocache names the device itself).
+    logging.getLogger("DeepSpeed").addFilter(_drop_accelerator_note)
     for pattern in (".*torch.utils.checkpoint.*use_reentrant.*", ".*TypedStorage is deprecated.*",
                     ".*`torch_dtype` is deprecated.*", ".*Setting accelerator to CPU.*",
                     ".*None of the inputs have requires_grad=True.*"):
