@@ -166,6 +166,10 @@ def quiet_libraries() -> None:
             datasets.disable_progress_bars()
     except ImportError:
         pass
+    # vLLM logs dozens of INFO/WARNING lines per engine (config dumps, CPU tuning hints, one per batch): errors
+    # only, unless the environment asks for more (VLLM_LOGGING_LEVEL=INFO); read when vLLM is imported.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\..*)?$")
     if not is_terminal():  # bars libraries draw with tqdm itself (e.g. GGUF conversion): no carriage returns in logs
         os.environ.setdefault("TQDM_DISABLE", "1")
     for noisy in ("accelerate", "torch.distributed", "deepspeed", "DeepSpeed"):

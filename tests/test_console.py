@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import conversational_rows, cpu_env, write_jsonl
+from conftest import conversational_rows, cpu_env, make_tiny_llama, write_jsonl
 
 CLI = [sys.executable, "-c", "import sys; from dpocache.cli import main; sys.exit(main())"]
 
@@ -41,3 +41,18 @@ def test_deepspeed_imported_later_stays_quiet(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accelerator cpu" in proc.stdout
     assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr
+
+
+def test_vllm_scoring_prints_dpocache_lines_only(tokenizer_dir, tmp_path):
+    model = make_tiny_llama(tmp_path / "m32", tokenizer_dir, hidden=64, heads=2)  # vLLM's CPU attention: head_dim 32
+    data = write_jsonl(tmp_path / "pairs.jsonl", conversational_rows(6, seed=3))
+    env = cpu_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_LOGGING_LEVEL", None)
+    proc = subprocess.run([*CLI, "score", "--model_name_or_path", str(model), "--dataset", str(data), "--store",
+                           str(tmp_path / "store"), "--backend", "vllm"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 examples (6 scored, 0 reused)" in proc.stdout
+    assert all(line.startswith("stage one:") for line in proc.stdout.splitlines()), proc.stdout[-3000:]
+    for chatter in (" INFO ", " WARNING ", "FutureWarning", "\r"):
+        assert chatter not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]

@@ -18,9 +18,8 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
-
 from dpocache.config import check, opt
+from dpocache.console import is_terminal, progress as progress_bar
 
 
 @dataclass
@@ -75,6 +74,7 @@ class VLLMScorer:
                       tensor_parallel_size=options.vllm_tensor_parallel_size, seed=seed,
                       gpu_memory_utilization=options.vllm_gpu_memory_utilization,
                       enforce_eager=options.vllm_enforce_eager, skip_tokenizer_init=False,
+                      use_tqdm_on_load=progress and is_terminal(),
                       max_num_batched_tokens=max(options.vllm_max_num_batched_tokens,
                                                  options.vllm_max_model_len or 0))
         if options.vllm_max_model_len:
@@ -104,7 +104,7 @@ class VLLMScorer:
                                  f"{self.max_len} (raise --vllm_max_model_len or lower --max_seq_length)")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         out: list[np.ndarray | None] = [None] * len(sequences)
-        bar = tqdm(total=len(sequences), desc="vllm scoring", unit="seq", disable=not self.progress, leave=False)
+        bar = progress_bar(len(sequences), "vllm scoring", "seq", enabled=self.progress)
         for idx in self._batches(sequences):
             prompts = [TokensPrompt(prompt_token_ids=list(map(int, sequences[i]))) for i in idx]
             results = self.llm.generate(prompts, params, use_tqdm=False)
