@@ -20,8 +20,7 @@ import sys
 
 from dpocache import __version__
 from dpocache.config import Alias, ConfigError, add_fields_to_parser, build, command_values, suggest, to_dict
-from dpocache.console import log
-from dpocache.console import quiet_libraries
+from dpocache.console import final_line, log, quiet_libraries
 from dpocache.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
@@ -424,20 +423,20 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse(parser, argv)
     except UsageError as exc:
         exc.parser.print_usage(sys.stderr)
-        print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+        final_line(f"{exc.parser.prog}: error: {exc.message}")
         return 2
     handler = globals()[f"_cmd_{args.command}"]
     quiet_libraries()
     try:
         return handler(args)
     except _known_errors() as exc:
-        print(f"dpocache {args.command}: error: {exc}", file=sys.stderr)
+        final_line(f"dpocache {args.command}: error: {exc}")
         return 2
     except Preempted as exc:
-        print(f"dpocache {args.command}: preempted: {exc}", file=sys.stderr)
+        final_line(f"dpocache {args.command}: preempted: {exc}")
         return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
-        print(f"dpocache {args.command}: interrupted", file=sys.stderr)
+        final_line(f"dpocache {args.command}: interrupted")
         return 130
 
 

@@ -63,6 +63,13 @@ def warn(message: str) -> None:
     get_logger().warning(f"warning: {message}")
 
 
+def final_line(message: str) -> None:
+    """A command's last word on standard error, written in one piece: the ranks of a multi-process launch
+    share the stream, and ``print`` writes the text and its newline separately (lines would interleave)."""
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
+
+
 def is_terminal() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 

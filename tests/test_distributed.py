@@ -105,3 +105,72 @@ def test_run_under_two_processes(tiny_model_dir, tmp_path):
     accelerate(args(tmp_path / "out2"))
     again = json.loads((tmp_path / "out2" / "summary.json").read_text())
     assert again["stage_one_skipped"] is True and again["examples_reused"] == 16 + 6 and again["examples_scored"] == 0
+
+
+def _rank_process(launcher_pid: int, rank: int) -> int:
+    """The pid of the training process of ``rank`` among the launcher's descendants (from /proc)."""
+    from pathlib import Path
+
+    pending, seen = [launcher_pid], []
+    while pending:
+        pid = pending.pop()
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            pending += [int(c) for c in task.read_text().split()]
+        seen.append(pid)
+    for pid in seen:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"dpocache.cli" in cmd:
+            return pid
+    raise AssertionError(f"no rank {rank} process under {launcher_pid}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exactly(tiny_model_dir, store,
+                                                                                    tmp_path):
+    """Kubernetes or a node drain may signal one worker only: both ranks still stop after the same step, one
+    checkpoint is written there, and resuming reproduces the uninterrupted 2-process run."""
+    import signal
+    import time
+
+    def run_args(out, *extra):
+        base = train_args(tiny_model_dir, store, out, 1)
+        base[base.index("--max_train_steps") + 1] = "30"
+        base[base.index("--checkpointing_steps") + 1] = "none"
+        return [*base, *extra]
+
+    full, out = tmp_path / "full", tmp_path / "out"
+    accelerate(run_args(full))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), "-m", "dpocache.cli", *run_args(out)]
+    log = tmp_path / "launch.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=cpu_env(ACCELERATE_USE_CPU="true"))
+        deadline = time.time() + 300
+        while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.05)
+        import os
+
+        os.kill(_rank_process(proc.pid, 1), signal.SIGTERM)
+        proc.wait(timeout=300)
+    text = log.read_text()
+    stops = [line for line in text.splitlines() if line.startswith("dpocache train: preempted: SIGTERM after step")]
+    assert len(stops) == 2 and stops[0] == stops[1], text[-4000:]  # whole lines: one per rank, the same step
+    step = int(stops[0].split("after step ")[1].split()[0])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{step:08d}"]
+    assert not (out / "model.safetensors").exists()
+    # each worker exits 75 with its one line; the launcher (torchrun's agent) reports the first one it sees (it
+    # may signal the other while that one is finishing) and exits non-zero
+    assert proc.returncode != 0 and "exitcode  : 75" in text, text[-4000:]
+    frames = [line for line in text.splitlines() if line.strip().startswith("File ")]
+    assert not [f for f in frames if "/dpocache/" in f], frames
+    assert len(read_jsonl(out / "metrics.jsonl")) == step < 30
+
+    accelerate(run_args(out, "--resume_from_checkpoint", "auto"))
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [r["train_loss"] for r in b] == pytest.approx([r["train_loss"] for r in a], abs=1e-6)
