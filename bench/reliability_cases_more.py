@@ -206,31 +206,32 @@ def model_copy(ws: Workspace, d: Path) -> Path:
     return Path(shutil.copytree(ws.model, d / "model"))
 
 
+def score_with(ws: Workspace, d: Path, model: Path) -> list[str]:
+    """The workspace's score command with ``model`` (a damaged copy) as the reference."""
+    args = ws.score_args(d / "store")
+    args[args.index("--model_name_or_path") + 1] = str(model)
+    return args
+
+
 @case("input", "score: model config.json torn")
 def _(ws, d):
     model = model_copy(ws, d)
     (model / "config.json").write_text('{"architectures": ["Llama')
-    args = ws.score_args(d / "store")
-    args[args.index("--model_name_or_path") + 1] = str(model)
-    return args, None, ["config.json"]
+    return score_with(ws, d, model), None, ["config.json"]
 
 
 @case("input", "score: model weights deleted")
 def _(ws, d):
     model = model_copy(ws, d)
     (model / "model.safetensors").unlink()
-    args = ws.score_args(d / "store")
-    args[args.index("--model_name_or_path") + 1] = str(model)
-    return args, None, [str(model)]
+    return score_with(ws, d, model), None, [str(model)]
 
 
 @case("input", "score: model weights truncated")
 def _(ws, d):
     model = model_copy(ws, d)
     truncate(model / "model.safetensors", 0.7)
-    args = ws.score_args(d / "store")
-    args[args.index("--model_name_or_path") + 1] = str(model)
-    return args, None, ["model.safetensors"]
+    return score_with(ws, d, model), None, ["model.safetensors"]
 
 
 @case("input", "train: model weights truncated")
